@@ -1,0 +1,1 @@
+"""Everything before the model: ingest, sources, decoding, quality filters, augmentation."""

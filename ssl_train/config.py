@@ -1,0 +1,260 @@
+"""Typed run configuration: YAML files validated into pydantic models before anything starts.
+
+This module owns the schema, the packaged configs (``ssl_train/configs/*.yaml``), command-line
+overrides (``--set dotted.key=value``) and the one-sentence messages for bad input. It must not
+build models, touch storage or start Ray: a config is checked completely before any of that.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PACKAGED_CONFIG_DIR = Path(__file__).parent / "configs"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
+class ConfigError(ValueError):
+    """A configuration a user wrote cannot be used; the message says which key and why."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo such as `mask_ratoi` must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EncoderConfig(_Section):
+    """The shared timm VisionTransformer."""
+
+    patch_size: PositiveInt = 16
+    embed_dim: PositiveInt = 384
+    depth: PositiveInt = 12
+    num_heads: PositiveInt = 6
+    mlp_ratio: PositiveFloat = 4.0
+    pos_embed: Literal["sincos", "learned"] = "sincos"
+    pool: Literal["token", "avg"] = "token"
+    drop_path_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "EncoderConfig":
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim ({self.embed_dim}) must be a multiple of num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class ProjectorConfig(_Section):
+    """The contrastive branch's MLP head: Linear-BN-ReLU-Linear."""
+
+    hidden_dim: PositiveInt = 2048
+    out_dim: PositiveInt = 128
+
+
+class DecoderConfig(_Section):
+    """The masked branch's lightweight transformer decoder."""
+
+    embed_dim: PositiveInt = 256
+    depth: PositiveInt = 4
+    num_heads: PositiveInt = 8
+    mlp_ratio: PositiveFloat = 4.0
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "DecoderConfig":
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim ({self.embed_dim}) must be a multiple of num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class ModelConfig(_Section):
+    image_size: PositiveInt = 224
+    encoder: EncoderConfig = EncoderConfig()
+    projector: ProjectorConfig = ProjectorConfig()
+    decoder: DecoderConfig = DecoderConfig()
+
+    @model_validator(mode="after")
+    def _consistent_shapes(self) -> "ModelConfig":
+        if self.image_size % self.encoder.patch_size:
+            raise ValueError(
+                f"model.image_size ({self.image_size}) must be a multiple of "
+                f"model.encoder.patch_size ({self.encoder.patch_size})"
+            )
+        # The decoder exists to be thrown away; a decoder as large as the encoder would take over
+        # the reconstruction work that the encoder is supposed to learn.
+        if self.decoder.embed_dim > self.encoder.embed_dim:
+            raise ValueError(
+                f"model.decoder.embed_dim ({self.decoder.embed_dim}) must not exceed "
+                f"model.encoder.embed_dim ({self.encoder.embed_dim}): the decoder is the "
+                "lightweight part"
+            )
+        if self.decoder.depth > self.encoder.depth:
+            raise ValueError(
+                f"model.decoder.depth ({self.decoder.depth}) must not exceed "
+                f"model.encoder.depth ({self.encoder.depth}): the decoder is the lightweight part"
+            )
+        return self
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.encoder.patch_size) ** 2
+
+
+class FixedWeights(_Section):
+    contrastive: NonNegativeFloat = 1.0
+    masked: NonNegativeFloat = 1.0
+
+
+class LossConfig(_Section):
+    objective: Literal["hybrid", "contrastive", "masked"] = "hybrid"
+    weighting: Literal["learned", "fixed"] = "learned"
+    fixed_weights: FixedWeights = FixedWeights()
+    temperature: PositiveFloat = 0.2
+    mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.75
+    norm_pix_loss: bool = True
+
+
+class OptimConfig(_Section):
+    # The learning rate actually used is base_lr * global_batch_size / 256 (linear scaling rule).
+    base_lr: PositiveFloat = 1.5e-4
+    weight_decay: NonNegativeFloat = 0.05
+    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.95
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
+    grad_clip_norm: PositiveFloat | None = 3.0
+    accumulation_steps: PositiveInt = 1
+
+
+class TrainConfig(_Section):
+    steps: PositiveInt = 1000
+    global_batch_size: PositiveInt = 256
+    seed: int = 0
+    log_every: PositiveInt = 10
+
+
+class RunConfig(_Section):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "run"
+    output_dir: Annotated[str, Field(min_length=1)] = "runs"
+
+
+class PretrainConfig(_Section):
+    """The whole job: one section per concern."""
+
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _batch_splits_into_micro_batches(self) -> "PretrainConfig":
+        if self.train.global_batch_size % self.optim.accumulation_steps:
+            raise ValueError(
+                f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
+                f"optim.accumulation_steps ({self.optim.accumulation_steps})"
+            )
+        if self.loss.objective != "masked" and (
+            self.train.global_batch_size // self.optim.accumulation_steps < 2
+        ):
+            raise ValueError(
+                "the contrastive loss needs at least 2 images per micro-batch "
+                "(train.global_batch_size / optim.accumulation_steps)"
+            )
+        return self
+
+    @property
+    def learning_rate(self) -> float:
+        return self.optim.base_lr * self.train.global_batch_size / 256
+
+
+def packaged_config_names() -> list[str]:
+    """Names accepted by ``--config NAME``."""
+    return sorted(p.stem for p in PACKAGED_CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A packaged config's name or a path to a YAML file, as a path that exists."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {name_or_path} does not exist")
+        return path
+    packaged = PACKAGED_CONFIG_DIR / f"{name_or_path}.yaml"
+    if packaged.is_file():
+        return packaged
+    raise ConfigError(
+        f"no config named {name_or_path!r}: give a YAML path or one of "
+        f"{', '.join(packaged_config_names())}"
+    )
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``dotted.key=value`` to the raw mapping; the value is parsed as YAML."""
+    key, sep, value_text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r} must look like dotted.key=value")
+    parts = key.strip().split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"--set {key}: {'.'.join(parts[: depth + 1])} is a value, not a section"
+            )
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: value {value_text!r} is not valid YAML ({err})") from None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {key}"
+    message = error["msg"].removeprefix("Value error, ")
+    if message.startswith(f"{key}.") or message.startswith(("train.", "optim.", "the ")):
+        return message  # a cross-field check that names its keys itself
+    if "input" in error and error["type"] not in ("missing",) and not isinstance(
+        error["input"], dict
+    ):
+        message = f"{message} (got {error['input']!r})"
+    return f"{key}: {message}" if key else message
+
+
+def validate_config(raw: Any, source: str = "config") -> PretrainConfig:
+    """Validate a raw mapping; every problem is named by its dotted key in one message."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must be a YAML mapping of sections, got {type(raw).__name__}")
+    try:
+        return PretrainConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(_describe(e) for e in err.errors())
+        raise ConfigError(f"invalid {source}: {problems}") from None
+
+
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
+    """Read a packaged or user config, apply ``--set`` overrides, and validate the result."""
+    path = resolve_config_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a YAML mapping of sections")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return validate_config(raw, source=f"config {path.name}")
+
+
+def dump_config(config: PretrainConfig) -> str:
+    """The resolved config as YAML that ``load_config`` reads back to the same values."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

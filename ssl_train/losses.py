@@ -1,0 +1,85 @@
+"""The two self-supervised losses, usable on their own.
+
+``nt_xent_loss`` is SimCLR's normalised-temperature cross entropy; when ``torch.distributed`` is
+initialised it gathers projections from every rank with gradients, so negatives come from the
+global batch and callers cannot forget to do so. ``masked_reconstruction_loss`` is MAE's MSE on
+masked patches only. Neither knows about models, optimisers or weighting.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.nn.functional import all_gather as _all_gather_with_grad
+
+
+def _distributed_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(x_nd: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank in rank order; gradients flow back to each rank's part."""
+    _, world = _distributed_world()
+    if world == 1:
+        return x_nd
+    return torch.cat(_all_gather_with_grad(x_nd.contiguous()), dim=0)
+
+
+def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent over the 2N samples of two views, averaged over all 2N anchors of the global batch.
+
+    ``z_a[i]`` and ``z_b[i]`` are projections of two views of image i. Each anchor's positive is the
+    other view of its image; the other 2N - 2 samples are its negatives. Under torch.distributed
+    each rank returns the mean over its own anchors; the average over ranks (what gradient
+    averaging computes) is the global mean.
+    """
+    if z_a.shape != z_b.shape or z_a.dim() != 2:
+        raise ValueError(f"z_a and z_b must both be (N, D), got {tuple(z_a.shape)}, {tuple(z_b.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    rank, _ = _distributed_world()
+    n = z_a.shape[0]
+    local_nd = F.normalize(torch.cat([z_a, z_b], dim=0), dim=1)  # (2n, D): views a then b
+    all_a = gather_with_grad(F.normalize(z_a, dim=1))
+    all_b = gather_with_grad(F.normalize(z_b, dim=1))
+    global_n = all_a.shape[0]
+    candidates_md = torch.cat([all_a, all_b], dim=0)  # (2N, D)
+
+    logits = local_nd @ candidates_md.T / temperature  # (2n, 2N)
+    first = rank * n  # where this rank's images sit in the global batch
+    local_idx = torch.arange(n, device=z_a.device) + first
+    self_idx = torch.cat([local_idx, local_idx + global_n])
+    positive_idx = torch.cat([local_idx + global_n, local_idx])
+    is_self = F.one_hot(self_idx, 2 * global_n).bool()
+    logits = logits.masked_fill(is_self, float("-inf"))  # an anchor is never its own negative
+    return F.cross_entropy(logits, positive_idx)
+
+
+def normalize_patches(patches_bnp: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch normalised pixels (zero mean, unit variance within each patch), MAE's target."""
+    mean = patches_bnp.mean(dim=-1, keepdim=True)
+    var = patches_bnp.var(dim=-1, keepdim=True)
+    return (patches_bnp - mean) / (var + eps) ** 0.5
+
+
+def masked_reconstruction_loss(
+    pred_bnp: torch.Tensor,
+    target_patches_bnp: torch.Tensor,
+    mask_bn: torch.Tensor,
+    norm_pix: bool = True,
+) -> torch.Tensor:
+    """Mean squared error over the masked patches only (``mask_bn`` is 1 where a patch was hidden).
+
+    Visible patches are excluded: the encoder saw them, so reconstructing them teaches nothing.
+    """
+    if pred_bnp.shape != target_patches_bnp.shape:
+        raise ValueError(
+            f"pred {tuple(pred_bnp.shape)} and target {tuple(target_patches_bnp.shape)} differ"
+        )
+    target = normalize_patches(target_patches_bnp) if norm_pix else target_patches_bnp
+    per_patch_bn = ((pred_bnp - target) ** 2).mean(dim=-1)
+    mask_bn = mask_bn.to(per_patch_bn.dtype)
+    return (per_patch_bn * mask_bn).sum() / mask_bn.sum().clamp_min(1.0)

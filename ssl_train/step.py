@@ -1,0 +1,79 @@
+"""One optimisation step on the training worker: uint8 views in, logged figures out.
+
+Owns normalisation (the data stage ships uint8 views; they are converted here, on the worker's
+device), gradient accumulation over micro-batches, gradient clipping and the scheduler tick. It
+does not build models, read data or know whether it runs under Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from ssl_train.config import PretrainConfig
+from ssl_train.health import embedding_std
+
+VIEW_KEYS = ("view_a", "view_b", "view_mae")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_views(
+    batch: Mapping[str, np.ndarray | torch.Tensor], device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """uint8 views (B, H, W, 3) -> normalised float images (B, 3, H, W) on ``device``."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    views = {}
+    for key in VIEW_KEYS:
+        if key not in batch:
+            continue
+        images = torch.as_tensor(batch[key]).to(device, non_blocking=True)
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
+            raise ValueError(
+                f"{key} must be uint8 (B, H, W, 3), got {images.dtype} {tuple(images.shape)}"
+            )
+        images = images.permute(0, 3, 1, 2).float().div_(255.0)
+        views[key] = (images - mean) / std
+    return views
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    views: Mapping[str, torch.Tensor],
+    config: PretrainConfig,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """Forward, backward (accumulated over micro-batches), clip, step; returns what to log."""
+    accumulation = config.optim.accumulation_steps
+    parts = {key: images.chunk(accumulation) for key, images in views.items()}
+    chunks = [{key: parts[key][i] for key in parts} for i in range(accumulation)]
+    optimizer.zero_grad(set_to_none=True)
+    summed: dict[str, float] = {}
+    embeddings = []
+    for chunk in chunks:
+        output = model(**chunk, generator=generator)
+        (output.loss / len(chunks)).backward()
+        logged = {"loss": output.loss.detach()}
+        logged |= {f"loss_{name}": value for name, value in output.losses.items()}
+        logged |= {f"weight_{name}": value for name, value in output.weights.items()}
+        for key, value in logged.items():
+            summed[key] = summed.get(key, 0.0) + float(value) / len(chunks)
+        if output.embeddings is not None:
+            embeddings.append(output.embeddings)
+    max_norm = config.optim.grad_clip_norm or float("inf")
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    summed["lr"] = lr
+    summed["grad_norm"] = float(grad_norm)
+    if embeddings:
+        summed["embedding_std"] = embedding_std(torch.cat(embeddings))
+    return summed

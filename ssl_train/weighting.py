@@ -1,0 +1,48 @@
+"""How the two losses are combined: learned (homoscedastic uncertainty) or fixed weights.
+
+Learned weighting follows Kendall, Gal and Cipolla (2018): each loss L_i gets a learned log
+variance s_i and the total is sum_i exp(-s_i) * L_i + s_i. The + s_i term keeps the weights from
+collapsing to zero; the effective weight exp(-s_i) falls for the noisier loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ssl_train.config import LossConfig
+
+
+def active_losses(config: LossConfig) -> tuple[str, ...]:
+    """The loss components an objective trains."""
+    return ("contrastive", "masked") if config.objective == "hybrid" else (config.objective,)
+
+
+class LossWeighting(nn.Module):
+    """Combine named loss components into one scalar and report the weights used."""
+
+    def __init__(self, config: LossConfig):
+        super().__init__()
+        self.names = active_losses(config)
+        self.learned = config.weighting == "learned" and len(self.names) > 1
+        if self.learned:
+            self.log_vars = nn.Parameter(torch.zeros(len(self.names)))
+        else:
+            fixed = [getattr(config.fixed_weights, n) if len(self.names) > 1 else 1.0
+                     for n in self.names]
+            self.register_buffer("fixed_weights", torch.tensor(fixed), persistent=False)
+
+    def weights(self) -> torch.Tensor:
+        """The current multiplier of each loss, in ``self.names`` order."""
+        return torch.exp(-self.log_vars) if self.learned else self.fixed_weights
+
+    def forward(
+        self, losses: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        stacked = torch.stack([losses[name] for name in self.names])
+        if self.learned:
+            total = (torch.exp(-self.log_vars) * stacked + self.log_vars).sum()
+        else:
+            total = (self.fixed_weights.to(stacked.dtype) * stacked).sum()
+        weights = self.weights().detach()
+        return total, dict(zip(self.names, weights))

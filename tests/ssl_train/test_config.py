@@ -1,0 +1,122 @@
+"""Configs: packaged ones load, overrides apply, bad ones stop with exit code 2 naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from ssl_train.cli import main
+from ssl_train.config import (
+    ConfigError,
+    load_config,
+    packaged_config_names,
+    validate_config,
+)
+
+
+def test_packaged_configs_are_selectable_by_name():
+    assert {"tiny-cpu", "vit-s16", "vit-b16", "vit-l16"} <= set(packaged_config_names())
+    for name in packaged_config_names():
+        assert load_config(name).run.name == name
+
+
+def test_config_is_selectable_by_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model: {image_size: 32, encoder: {patch_size: 8}}\n")
+    config = load_config(str(path))
+    assert config.model.image_size == 32 and config.model.num_patches == 16
+
+
+def test_overrides_set_any_field_with_yaml_typed_values():
+    config = load_config(
+        "tiny-cpu",
+        ["loss.mask_ratio=0.6", "loss.norm_pix_loss=false", "model.encoder.depth=3",
+         "run.name=ablation-1", "loss.weighting=fixed"],
+    )
+    assert config.loss.mask_ratio == 0.6
+    assert config.loss.norm_pix_loss is False
+    assert config.model.encoder.depth == 3
+    assert config.run.name == "ablation-1"
+    assert config.loss.weighting == "fixed"
+
+
+def test_print_config_prints_the_resolved_config_that_loads_back(capsys, tmp_path):
+    assert main(["train", "--config", "tiny-cpu", "--set", "train.steps=7", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert yaml.safe_load(printed)["train"]["steps"] == 7
+    (tmp_path / "resolved.yaml").write_text(printed)
+    assert load_config(str(tmp_path / "resolved.yaml")) == load_config("tiny-cpu", ["train.steps=7"])
+
+
+BAD_OVERRIDES = [
+    ("loss.mask_ratio=1.0", "loss.mask_ratio"),
+    ("loss.mask_ratio=0", "loss.mask_ratio"),
+    ("loss.mask_ratio=-0.2", "loss.mask_ratio"),
+    ("train.global_batch_size=0", "train.global_batch_size"),
+    ("loss.temperature=0", "loss.temperature"),
+    ("loss.temperature=-1", "loss.temperature"),
+    ("train.steps=ten", "train.steps"),
+    ("model.image_size=70", "model.image_size"),
+    ("loss.mask_ratoi=0.5", "loss.mask_ratoi"),
+    ("model.encoder.num_heads=5", "model.encoder"),
+    ("loss.objective=simclr", "loss.objective"),
+    ("loss.weighting=adaptive", "loss.weighting"),
+    ("optim.accumulation_steps=0", "optim.accumulation_steps"),
+    ("optim.accumulation_steps=3", "optim.accumulation_steps"),
+    ("model.decoder.depth=12", "model.decoder.depth"),
+    ("run.name=../escape", "run.name"),
+    ("train.global_batch_size=1", "train.global_batch_size"),
+    ("model.encoder=3", "model.encoder"),
+]
+
+
+@pytest.mark.parametrize("override,key", BAD_OVERRIDES)
+def test_bad_values_exit_2_naming_the_key(override, key, capsys):
+    assert main(["train", "--config", "tiny-cpu", "--set", override, "--print-config"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert key in captured.err and "error" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+
+
+def test_bad_config_file_exits_2_from_the_installed_command(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("loss:\n  temperature: 0\nmodel:\n  batch: 3\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "ssl_train.cli", "train", "--config", str(bad)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "loss.temperature" in result.stderr and "unknown key model.batch" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("loss: [1, 2]\n", "loss"),
+    ("- a\n- b\n", "mapping"),
+    ("model: {image_size: 64\n", "not valid YAML"),
+])
+def test_malformed_files_are_config_errors(tmp_path, text, fragment):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(str(path))
+
+
+def test_missing_config_and_bad_override_syntax_are_named():
+    with pytest.raises(ConfigError, match="no config named 'tiny-gpu'"):
+        load_config("tiny-gpu")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nowhere/config.yaml")
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_config("tiny-cpu", ["loss.mask_ratio"])
+    with pytest.raises(ConfigError, match="loss.mask_ratio is a value"):
+        load_config("tiny-cpu", ["loss.mask_ratio.x=1"])
+
+
+def test_validate_config_rejects_non_mappings():
+    with pytest.raises(ConfigError, match="mapping"):
+        validate_config([1, 2])

@@ -1,0 +1,160 @@
+"""HybridSSL's structure: what the encoder sees, what each objective builds, the encoder sizes."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from ssl_train.config import load_config
+from ssl_train.masking import num_visible, patchify, random_masking, unpatchify
+from ssl_train.model import HybridSSL
+
+
+def _views(config, batch=4):
+    size = config.model.image_size
+    return {key: torch.randn(batch, 3, size, size) for key in ("view_a", "view_b", "view_mae")}
+
+
+def _record_block_inputs(model):
+    seen = []
+    handle = model.encoder.blocks[0].register_forward_pre_hook(
+        lambda module, args: seen.append(tuple(args[0].shape))
+    )
+    return seen, handle
+
+
+@pytest.mark.parametrize("mask_ratio", [0.75, 0.5, 0.9, 0.6])
+def test_encoder_sees_only_visible_tokens_in_masked_branch(tiny_config, mask_ratio):
+    tiny_config.loss.objective = "masked"
+    tiny_config.loss.mask_ratio = mask_ratio
+    model = HybridSSL(tiny_config.model, tiny_config.loss)
+    seen, handle = _record_block_inputs(model)
+    model(**_views(tiny_config))
+    handle.remove()
+    n = tiny_config.model.num_patches
+    expected = round((1 - mask_ratio) * n)
+    assert seen == [(4, 1 + expected, tiny_config.model.encoder.embed_dim)]  # class token + visible
+
+
+def test_hybrid_runs_encoder_on_both_views_and_visible_tokens(tiny_config):
+    model = HybridSSL(tiny_config.model, tiny_config.loss)
+    seen, handle = _record_block_inputs(model)
+    out = model(**_views(tiny_config, batch=3))
+    handle.remove()
+    n = tiny_config.model.num_patches
+    assert seen == [(6, 1 + n, 192), (3, 1 + num_visible(n, 0.75), 192)]
+    assert set(out.losses) == {"contrastive", "masked"} and set(out.weights) == set(out.losses)
+
+
+def test_masked_branch_loss_ignores_visible_patches(tiny_config):
+    tiny_config.loss.objective = "masked"
+    model = HybridSSL(tiny_config.model, tiny_config.loss).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        latent, mask, ids_restore = model.forward_encoder(
+            images, 0.75, torch.Generator().manual_seed(1)
+        )
+        pred = model.forward_decoder(latent, ids_restore)
+        base = float(model.forward_loss(images, pred, mask))
+        wrong_where_visible = pred.clone()
+        wrong_where_visible[mask == 0] = 1e3
+        wrong_where_masked = pred.clone()
+        wrong_where_masked[mask == 1] = 1e3
+        assert float(model.forward_loss(images, wrong_where_visible, mask)) == pytest.approx(base)
+        assert float(model.forward_loss(images, wrong_where_masked, mask)) > 1e5
+
+
+def test_random_masking_keeps_the_right_tokens_and_restores_order():
+    tokens = torch.arange(2 * 16, dtype=torch.float).reshape(2, 16, 1)
+    visible, mask, ids_restore = random_masking(tokens, 0.75, torch.Generator().manual_seed(0))
+    assert visible.shape == (2, 4, 1)
+    assert mask.sum(1).tolist() == [12, 12]
+    for b in range(2):
+        kept = sorted(int(v) - 16 * b for v in visible[b, :, 0])
+        assert kept == sorted(torch.nonzero(mask[b] == 0).flatten().tolist())
+    # Unshuffling the kept-then-dropped order with ids_restore gives back the original order.
+    shuffled_order = torch.argsort(ids_restore, dim=1)
+    restored = torch.gather(shuffled_order, 1, ids_restore)
+    assert torch.equal(restored, torch.arange(16).expand(2, 16))
+
+
+def test_patchify_roundtrip():
+    images = torch.randn(2, 3, 32, 32)
+    patches = patchify(images, 8)
+    assert patches.shape == (2, 16, 192)
+    assert torch.equal(unpatchify(patches, 8), images)
+    assert torch.equal(patches[0, 1].reshape(8, 8, 3).permute(2, 0, 1), images[0, :, :8, 8:16])
+
+
+@pytest.mark.parametrize("objective,branches", [
+    ("contrastive", {"projector"}), ("masked", {"decoder"}), ("hybrid", {"projector", "decoder"}),
+])
+def test_each_objective_builds_and_trains_only_its_branches(tiny_config, objective, branches):
+    tiny_config.loss.objective = objective
+    model = HybridSSL(tiny_config.model, tiny_config.loss)
+    built = {name for name in ("projector", "decoder") if getattr(model, name) is not None}
+    assert built == branches
+    out = model(**_views(tiny_config))
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.encoder.blocks.parameters())
+    expected = {"hybrid": {"contrastive", "masked"}}.get(objective, {objective})
+    assert set(out.losses) == expected
+
+
+def test_fixed_weights_combine_losses_as_configured(tiny_config):
+    tiny_config.loss.weighting = "fixed"
+    tiny_config.loss.fixed_weights.contrastive = 0.3
+    tiny_config.loss.fixed_weights.masked = 2.0
+    model = HybridSSL(tiny_config.model, tiny_config.loss)
+    out = model(**_views(tiny_config))
+    expected = 0.3 * out.losses["contrastive"] + 2.0 * out.losses["masked"]
+    assert float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert {k: float(v) for k, v in out.weights.items()} == pytest.approx(
+        {"contrastive": 0.3, "masked": 2.0}
+    )
+
+
+def test_learned_weighting_is_uncertainty_weighting(tiny_config):
+    model = HybridSSL(tiny_config.model, tiny_config.loss)
+    with torch.no_grad():
+        model.weighting.log_vars.copy_(torch.tensor([0.5, -0.25]))
+    out = model(**_views(tiny_config))
+    c, m = out.losses["contrastive"], out.losses["masked"]
+    expected = torch.exp(torch.tensor(-0.5)) * c + 0.5 + torch.exp(torch.tensor(0.25)) * m - 0.25
+    assert float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    out.loss.backward()
+    assert model.weighting.log_vars.grad.abs().min() > 0
+
+
+@pytest.mark.parametrize("config_name,timm_name", [
+    ("vit-s16", "vit_small_patch16_224"),
+    ("vit-b16", "vit_base_patch16_224"),
+    ("vit-l16", "vit_large_patch16_224"),
+])
+def test_packaged_encoders_have_timm_architectures(config_name, timm_name):
+    config = load_config(config_name)
+    with torch.device("meta"):
+        model = HybridSSL(config.model, config.loss)
+        reference = timm.create_model(timm_name, pretrained=False, num_classes=0)
+    ours = {k: tuple(v.shape) for k, v in model.encoder.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    assert ours == theirs
+    decoder_width = config.model.decoder.embed_dim
+    assert decoder_width < config.model.encoder.embed_dim
+    assert config.model.decoder.depth < config.model.encoder.depth
+
+
+@pytest.mark.parametrize("pos_embed", ["sincos", "learned"])
+def test_positional_embeddings_follow_the_config(tiny_config, pos_embed):
+    tiny_config.model.encoder.pos_embed = pos_embed
+    model = HybridSSL(tiny_config.model, tiny_config.loss)
+    n = tiny_config.model.num_patches
+    assert model.encoder.pos_embed.shape == (1, 1 + n, 192)
+    assert model.decoder.pos_embed.shape == (1, 1 + n, tiny_config.model.decoder.embed_dim)
+    learned = pos_embed == "learned"
+    assert model.encoder.pos_embed.requires_grad is learned
+    assert model.decoder.pos_embed.requires_grad is learned
+    if not learned:  # sine-cosine rows differ from one another and are not all zero
+        rows = model.encoder.pos_embed[0, 1:]
+        assert torch.linalg.matrix_rank(rows) > 8

@@ -1,0 +1,48 @@
+"""The installed ``ssl-pretrain`` command and its subcommands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SUBCOMMANDS = ("ingest", "train", "eval", "export", "energy-report")
+
+
+def _ssl_pretrain(*args: str) -> subprocess.CompletedProcess:
+    # The console script is installed beside the interpreter that runs the tests.
+    executable = Path(sys.executable).parent / "ssl-pretrain"
+    assert executable.is_file(), "the ssl-pretrain console script is not installed"
+    return subprocess.run([str(executable), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_subcommand():
+    result = _ssl_pretrain("--help")
+    assert result.returncode == 0
+    for name in SUBCOMMANDS:
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_every_subcommand_has_help(name):
+    result = _ssl_pretrain(name, "--help")
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: ssl-pretrain {name}")
+
+
+def test_unknown_subcommand_is_a_usage_error():
+    result = _ssl_pretrain("pretrain")
+    assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_train_runs_on_the_sample_photographs_and_writes_metrics(tmp_path):
+    result = _ssl_pretrain(
+        "train", "--set", "train.steps=3", "--set", "train.log_every=1",
+        "--set", f"run.output_dir={tmp_path}", "--set", "run.name=smoke",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "step 3/3" in result.stdout and "img/s" in result.stdout
+    lines = (tmp_path / "smoke" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    assert (tmp_path / "smoke" / "config.yaml").is_file()
