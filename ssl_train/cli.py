@@ -7,10 +7,12 @@ sentence with exit code 2, before any model, storage or cluster work starts.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipelines.storage import StorageError
 from ssl_train.config import ConfigError, dump_config, load_config, packaged_config_names
 
 EXIT_USAGE = 2
@@ -64,9 +66,60 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _storage_options(args: argparse.Namespace):
+    from pipelines.storage import StorageOptions
+
+    return StorageOptions(
+        endpoint_url=args.endpoint_url,
+        key=args.access_key_id,
+        secret=args.secret_access_key,
+        anon=args.anon,
+    )
+
+
+def _add_storage_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "object storage",
+        "s3:// credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (preferred: flags "
+        "end up in shell history and process lists) and the endpoint from AWS_ENDPOINT_URL, "
+        "unless given here",
+    )
+    group.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://minio:9000")
+    group.add_argument("--access-key-id", help="S3 access key id")
+    group.add_argument("--secret-access-key", help="S3 secret access key")
+    group.add_argument("--anon", action="store_true", help="anonymous access (public buckets)")
+
+
+def _byte_size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 256MB or 1GB")
+    scale = 1024 ** "_KMGT".index(match.group(2).upper() or "_")
+    return int(float(match.group(1)) * scale)
+
+
+def _without_none(options: dict) -> dict:
+    return {k: _without_none(v) if isinstance(v, dict) else v
+            for k, v in options.items() if v is not None}
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
-    _not_yet("ingest")
-    return 1
+    from pipelines.ingest import IngestConfig, ingest
+    from ssl_train.config import validate_section
+
+    options = {
+        "samples_per_shard": args.samples_per_shard, "shard_bytes": args.shard_size,
+        "reencode": args.reencode, "jpeg_quality": args.jpeg_quality, "max_side": args.max_side,
+        "quality": {
+            "min_side": args.min_side, "max_aspect_ratio": args.max_aspect_ratio,
+            "min_pixel_std": args.min_pixel_std,
+            "near_duplicate_distance": args.near_duplicate_distance,
+        },
+    }
+    config = validate_section(IngestConfig, _without_none(options), "ingest option")
+    ingest(args.src, args.dest, config, _storage_options(args), overwrite=args.overwrite,
+           address=args.address)
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -96,6 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ingest.add_argument("src", help="folder or prefix of raw images (local path or fsspec URL)")
     ingest.add_argument("dest", help="prefix to write WebDataset tar shards to")
+    size = ingest.add_mutually_exclusive_group()
+    size.add_argument("--samples-per-shard", type=int, help="images per shard")
+    size.add_argument("--shard-size", type=_byte_size, default=256 * 1024**2,
+                      help="bytes per shard, e.g. 256MB (default)")
+    ingest.add_argument("--reencode", choices=("keep", "jpeg"), default="keep",
+                        help="keep the original bytes (default) or re-encode to JPEG")
+    ingest.add_argument("--jpeg-quality", type=int, default=90)
+    ingest.add_argument("--max-side", type=int, help="downscale longer sides to this (jpeg only)")
+    ingest.add_argument("--min-side", type=int, default=64, help="drop smaller images")
+    ingest.add_argument("--max-aspect-ratio", type=float, default=4.0)
+    ingest.add_argument("--min-pixel-std", type=float, default=2.0,
+                        help="drop near-constant images (grey-level std below this)")
+    ingest.add_argument("--near-duplicate-distance", type=int, default=6,
+                        help="perceptual-hash bits within which images are near duplicates")
+    ingest.add_argument("--overwrite", action="store_true", help="replace shards already in DEST")
+    ingest.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    _add_storage_arguments(ingest)
     ingest.set_defaults(handler=cmd_ingest)
 
     train = commands.add_parser("train", help="pretrain the hybrid model")
@@ -128,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, UsageError) as err:
+    except (ConfigError, UsageError, StorageError) as err:
         print(f"ssl-pretrain {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -234,8 +234,13 @@ def validate_config(raw: Any, source: str = "config") -> PretrainConfig:
     """Validate a raw mapping; every problem is named by its dotted key in one message."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source} must be a YAML mapping of sections, got {type(raw).__name__}")
+    return validate_section(PretrainConfig, raw, source)
+
+
+def validate_section(model: type[BaseModel], raw: dict[str, Any], source: str):
+    """Validate one section (e.g. the ingest options) with the same messages as a whole config."""
     try:
-        return PretrainConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as err:
         problems = "; ".join(_describe(e) for e in err.errors())
         raise ConfigError(f"invalid {source}: {problems}") from None

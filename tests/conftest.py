@@ -1,9 +1,20 @@
-"""Shared fixtures: real images from scikit-image, small configs."""
+"""Shared fixtures: real images from scikit-image, small configs, a real S3 endpoint, Ray."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Tests never look for credentials outside this machine: no instance metadata service, no
+# user-level AWS files. Each test that needs credentials gets the moto server's.
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+os.environ["AWS_CONFIG_FILE"] = os.devnull
+for _name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+              "AWS_ENDPOINT_URL", "AWS_PROFILE"):
+    os.environ.pop(_name, None)
 
 from pipelines.sample_images import sample_photographs
 from ssl_train.config import load_config
@@ -25,3 +36,52 @@ def tiny_config():
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1: a real HTTP endpoint for s3fs. Yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+                  "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Credentials and endpoint in the usual AWS environment variables, as a user would set them."""
+    for name, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    return s3_server
+
+
+@pytest.fixture
+def s3_bucket(s3_env, request):
+    """A fresh bucket for one test; returns its s3:// URL."""
+    import uuid
+
+    import s3fs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(endpoint_url=s3_env, key="testing-key", secret="testing-secret").mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance with this machine's two cores, shared by the tests that need one."""
+    import ray
+
+    # Ray's workers have the environment of their node, as pods have their Secret's variables.
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true", **S3_CREDENTIALS}})
+    yield ray
+    ray.shutdown()

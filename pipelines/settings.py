@@ -1,0 +1,13 @@
+"""The base of every typed config section: unknown keys are errors, assignments are validated.
+
+Shared by the data stage's sections (quality, augmentation, sources) and the training config, so
+that a typo such as ``mask_ratoi`` never silently falls back to a default anywhere.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StrictSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
