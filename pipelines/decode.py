@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -69,19 +70,23 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode_image(
-    data: bytes, max_pixels: int, reduce_to: tuple[int, int] | None = None
+    data: bytes,
+    max_pixels: int,
+    reduce_to: Callable[[tuple[int, int]], tuple[int, int] | None] | None = None,
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Decode to an upright RGB image; returns it and the full-resolution upright size.
 
-    ``reduce_to`` (upright width, height) lets JPEG decoding skip detail: the decoder picks the
-    largest power-of-two reduction that still yields at least that size.
+    ``reduce_to`` is called with the upright full size before any pixel is decoded; it may raise
+    ``Rejected``, or return an upright (width, height) that lets JPEG decoding skip detail (the
+    decoder picks the largest power-of-two reduction that still yields at least that size).
     """
     image, full_size = open_image(data, max_pixels)
+    target = reduce_to(full_size) if reduce_to is not None else None
     try:
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)  # animated GIF/WebP, multi-page TIFF: the first frame
-        if reduce_to is not None and image.format == "JPEG":
-            w, h = reduce_to
+        if target is not None and image.format == "JPEG":
+            w, h = target
             if image.getexif().get(_ORIENTATION_TAG, 1) in _TRANSPOSING_ORIENTATIONS:
                 w, h = h, w
             image.draft("RGB", (w, h))

@@ -1,17 +1,21 @@
 """The embedded default data: the photographs that ship inside scikit-image.
 
 Lets a new user (and the tests) train on real images with no download and no object storage.
-Views here are random resized crops and flips only; the full augmentation lives in the data stage.
+Views are cut by the data stage's own ``make_views``, so the embedded run sees the same
+augmentation as a run on shards.
 """
 
 from __future__ import annotations
 
-import random
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from pipelines.augment import AugmentConfig, make_views
+from pipelines.quality import QualityConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -40,37 +44,25 @@ def sample_photographs(min_side: int = 64) -> list[Image.Image]:
     return images
 
 
-def random_resized_crop(
-    image: Image.Image, size: int, rng: random.Random, scale: tuple[float, float] = (0.2, 1.0)
-) -> np.ndarray:
-    """A crop of random area and aspect ratio (3/4 to 4/3), resized to size x size, maybe flipped."""
-    width, height = image.size
-    for _ in range(10):
-        area = width * height * rng.uniform(*scale)
-        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-        w, h = int(round((area * aspect) ** 0.5)), int(round((area / aspect) ** 0.5))
-        if 0 < w <= width and 0 < h <= height:
-            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
-            break
-    else:  # fall back to the central square
-        w = h = min(width, height)
-        left, top = (width - w) // 2, (height - h) // 2
-    crop = image.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
-    if rng.random() < 0.5:
-        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(crop, dtype=np.uint8)
-
-
 def random_view_batches(
-    images: list[Image.Image], image_size: int, batch_size: int, seed: int = 0
+    images: list[Image.Image],
+    image_size: int,
+    batch_size: int,
+    seed: int = 0,
+    augment: AugmentConfig | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless batches of two contrastive views and one MAE view, uint8 (B, H, W, 3) each."""
     if not images:
         raise ValueError("no images to draw views from")
-    rng = random.Random(seed)
+    augment = augment or AugmentConfig()
+    quality = QualityConfig(min_side=1, min_pixel_std=0)
+    encoded = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=95)  # decodes fast, at reduced size when it can
+        encoded.append(buffer.getvalue())
+    rng = np.random.default_rng(seed)
     while True:
-        picks = [rng.choice(images) for _ in range(batch_size)]
-        yield {
-            key: np.stack([random_resized_crop(image, image_size, rng) for image in picks])
-            for key in ("view_a", "view_b", "view_mae")
-        }
+        picks = rng.integers(0, len(encoded), batch_size)
+        rows = [make_views(encoded[i], rng, image_size, augment, quality) for i in picks]
+        yield {key: np.stack([row[key] for row in rows]) for key in rows[0]}

@@ -59,7 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{len(images)} scikit-image sample photographs, in this process"
     )
     batches = random_view_batches(
-        images, config.model.image_size, config.train.global_batch_size, config.train.seed
+        images, config.model.image_size, config.train.global_batch_size, config.train.seed,
+        config.data.augment,
     )
     run_in_process(config, batches, run_dir)
     print(f"run directory: {run_dir.resolve()} (config.yaml, metrics.jsonl)")

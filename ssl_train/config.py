@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from pipelines.settings import StrictSection
+from pipelines.stream import DataConfig
 
 PACKAGED_CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -24,12 +27,7 @@ class ConfigError(ValueError):
     """A configuration a user wrote cannot be used; the message says which key and why."""
 
 
-class _Section(BaseModel):
-    # Unknown keys are errors: a typo such as `mask_ratoi` must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class EncoderConfig(_Section):
+class EncoderConfig(StrictSection):
     """The shared timm VisionTransformer."""
 
     patch_size: PositiveInt = 16
@@ -50,14 +48,14 @@ class EncoderConfig(_Section):
         return self
 
 
-class ProjectorConfig(_Section):
+class ProjectorConfig(StrictSection):
     """The contrastive branch's MLP head: Linear-BN-ReLU-Linear."""
 
     hidden_dim: PositiveInt = 2048
     out_dim: PositiveInt = 128
 
 
-class DecoderConfig(_Section):
+class DecoderConfig(StrictSection):
     """The masked branch's lightweight transformer decoder."""
 
     embed_dim: PositiveInt = 256
@@ -74,7 +72,7 @@ class DecoderConfig(_Section):
         return self
 
 
-class ModelConfig(_Section):
+class ModelConfig(StrictSection):
     image_size: PositiveInt = 224
     encoder: EncoderConfig = EncoderConfig()
     projector: ProjectorConfig = ProjectorConfig()
@@ -107,12 +105,12 @@ class ModelConfig(_Section):
         return (self.image_size // self.encoder.patch_size) ** 2
 
 
-class FixedWeights(_Section):
+class FixedWeights(StrictSection):
     contrastive: NonNegativeFloat = 1.0
     masked: NonNegativeFloat = 1.0
 
 
-class LossConfig(_Section):
+class LossConfig(StrictSection):
     objective: Literal["hybrid", "contrastive", "masked"] = "hybrid"
     weighting: Literal["learned", "fixed"] = "learned"
     fixed_weights: FixedWeights = FixedWeights()
@@ -121,7 +119,7 @@ class LossConfig(_Section):
     norm_pix_loss: bool = True
 
 
-class OptimConfig(_Section):
+class OptimConfig(StrictSection):
     # The learning rate actually used is base_lr * global_batch_size / 256 (linear scaling rule).
     base_lr: PositiveFloat = 1.5e-4
     weight_decay: NonNegativeFloat = 0.05
@@ -133,19 +131,19 @@ class OptimConfig(_Section):
     accumulation_steps: PositiveInt = 1
 
 
-class TrainConfig(_Section):
+class TrainConfig(StrictSection):
     steps: PositiveInt = 1000
     global_batch_size: PositiveInt = 256
     seed: int = 0
     log_every: PositiveInt = 10
 
 
-class RunConfig(_Section):
+class RunConfig(StrictSection):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "run"
     output_dir: Annotated[str, Field(min_length=1)] = "runs"
 
 
-class PretrainConfig(_Section):
+class PretrainConfig(StrictSection):
     """The whole job: one section per concern."""
 
     run: RunConfig = RunConfig()
@@ -153,6 +151,7 @@ class PretrainConfig(_Section):
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
 
     @model_validator(mode="after")
     def _batch_splits_into_micro_batches(self) -> "PretrainConfig":

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines.photometric import apply_photometric_torch
 from ssl_train.config import PretrainConfig
 from ssl_train.health import embedding_std
 
@@ -22,9 +23,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def normalize_views(
-    batch: Mapping[str, np.ndarray | torch.Tensor], device: torch.device | str = "cpu"
+    batch: Mapping[str, np.ndarray | torch.Tensor],
+    device: torch.device | str = "cpu",
+    solarize_threshold: int = 128,
 ) -> dict[str, torch.Tensor]:
-    """uint8 views (B, H, W, 3) -> normalised float images (B, 3, H, W) on ``device``."""
+    """uint8 views (B, H, W, 3) -> normalised float images (B, 3, H, W) on ``device``.
+
+    A view that comes with ``<view>_photometric`` parameters gets its photometric augmentation
+    here, batched on ``device``, before normalisation.
+    """
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     views = {}
@@ -37,6 +44,9 @@ def normalize_views(
                 f"{key} must be uint8 (B, H, W, 3), got {images.dtype} {tuple(images.shape)}"
             )
         images = images.permute(0, 3, 1, 2).float().div_(255.0)
+        params = batch.get(f"{key}_photometric")
+        if params is not None:
+            images = apply_photometric_torch(images, torch.as_tensor(params), solarize_threshold)
         views[key] = (images - mean) / std
     return views
 

@@ -26,7 +26,7 @@ def test_fifty_steps_lower_both_losses_without_collapse(tmp_path, photographs, t
     assert [r["step"] for r in records] == list(range(1, 51))
     first, last = records[:5], records[-5:]
     for loss in ("loss_contrastive", "loss_masked"):
-        assert _mean(last, loss) < 0.85 * _mean(first, loss), loss
+        assert _mean(last, loss) < 0.9 * _mean(first, loss), loss
     assert all(np.isfinite(r["loss"]) and r["images_per_second"] > 0 for r in records)
 
     # Collapse check on a held batch the run never saw: std of L2-normalised projections.

@@ -1,0 +1,138 @@
+"""The views of one image: two SimCLR views and one MAE view, cut in the data stage.
+
+Owns crop sampling and the decode plan: crops are drawn on the image's declared size before any
+pixel is decoded, so that JPEGs can be decoded at the largest power-of-two reduction that still
+gives every crop at least the output resolution (often 2-4x less decoding work). Crops and flips
+always run here (they shrink the data); the photometric part runs here or on the training
+device, as configured (see ``pipelines.photometric``). Views leave as uint8 (H, W, 3) arrays;
+normalisation happens on the training worker.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import Field, model_validator
+
+from pipelines.decode import Rejected, decode_image
+from pipelines.photometric import PhotometricConfig, apply_photometric_pil, sample_photometric
+from pipelines.quality import BLANK, QualityConfig, is_blank, size_reason
+from pipelines.settings import StrictSection
+
+Fraction = Annotated[float, Field(gt=0, le=1)]
+Ratio = Annotated[float, Field(gt=0)]
+
+
+class CropConfig(StrictSection):
+    """Random resized crop: area fraction and aspect ratio ranges, horizontal flip probability."""
+
+    scale: tuple[Fraction, Fraction] = (0.08, 1.0)
+    ratio: tuple[Ratio, Ratio] = (3 / 4, 4 / 3)
+    flip_p: Annotated[float, Field(ge=0, le=1)] = 0.5
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "CropConfig":
+        if self.scale[0] > self.scale[1] or self.ratio[0] > self.ratio[1]:
+            raise ValueError("scale and ratio must be (low, high)")
+        return self
+
+
+class AugmentConfig(StrictSection):
+    contrastive_crop: CropConfig = CropConfig()
+    mae_crop: CropConfig = CropConfig(scale=(0.2, 1.0))
+    photometric: PhotometricConfig = PhotometricConfig()
+    # "data": photometric ops on the data stage's CPUs; "device": parameters travel with the
+    # batch and the ops run batched on the training worker's device.
+    photometric_on: Literal["data", "device"] = "data"
+
+
+def sample_crop(
+    rng: np.random.Generator, width: int, height: int, config: CropConfig
+) -> tuple[float, float, float, float, bool]:
+    """(left, top, crop width, crop height, flip) as torchvision's RandomResizedCrop draws them."""
+    area = width * height
+    log_ratio = (math.log(config.ratio[0]), math.log(config.ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*config.scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = math.sqrt(target * aspect)
+        h = math.sqrt(target / aspect)
+        if 0 < w <= width and 0 < h <= height:
+            left = rng.uniform(0, width - w)
+            top = rng.uniform(0, height - h)
+            return left, top, w, h, bool(rng.random() < config.flip_p)
+    # Fallback: the largest central crop within the ratio range.
+    in_ratio = width / height
+    if in_ratio < config.ratio[0]:
+        w, h = width, width / config.ratio[0]
+    elif in_ratio > config.ratio[1]:
+        w, h = height * config.ratio[1], height
+    else:
+        w, h = width, height
+    return (width - w) / 2, (height - h) / 2, w, h, bool(rng.random() < config.flip_p)
+
+
+def decode_reduction(crops: list[tuple], output_size: int) -> int:
+    """The largest power of two (at most 8) that keeps every crop at least ``output_size``."""
+    smallest = min(min(c[2], c[3]) for c in crops)
+    factor = 1
+    while factor < 8 and smallest / (factor * 2) >= output_size:
+        factor *= 2
+    return factor
+
+
+def _cut(image: Image.Image, crop: tuple, full_size: tuple[int, int], size: int) -> Image.Image:
+    """Resize one crop (in full-resolution coordinates) of a possibly reduced decode."""
+    left, top, w, h, flip = crop
+    sx, sy = image.width / full_size[0], image.height / full_size[1]
+    box = (left * sx, top * sy, min((left + w) * sx, image.width),
+           min((top + h) * sy, image.height))
+    view = image.resize((size, size), Image.BILINEAR, box=box)
+    return view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view
+
+
+def make_views(
+    data: bytes,
+    rng: np.random.Generator,
+    image_size: int,
+    augment: AugmentConfig,
+    quality: QualityConfig,
+) -> dict[str, np.ndarray]:
+    """Decode one image and cut its views; raises ``Rejected`` with a drop reason.
+
+    Returns ``view_a``, ``view_b``, ``view_mae`` (uint8, image_size x image_size x 3) and, when
+    photometric augmentation is left to the device, ``view_a_photometric`` and
+    ``view_b_photometric`` (float32 parameter rows).
+    """
+    crops: list[tuple] = []
+
+    def plan(full_size: tuple[int, int]) -> tuple[int, int]:
+        nonlocal crops
+        width, height = full_size
+        reason = size_reason(width, height, quality)
+        if reason:
+            raise Rejected(reason, f"{width}x{height}")
+        crops = [sample_crop(rng, width, height, augment.contrastive_crop),
+                 sample_crop(rng, width, height, augment.contrastive_crop),
+                 sample_crop(rng, width, height, augment.mae_crop)]
+        factor = decode_reduction(crops, image_size)
+        return math.ceil(width / factor), math.ceil(height / factor)
+
+    image, full_size = decode_image(data, quality.max_pixels, reduce_to=plan)
+    if is_blank(image, quality):
+        raise Rejected(BLANK)
+    views = [_cut(image, crop, full_size, image_size) for crop in crops]
+    params = [sample_photometric(rng, augment.photometric, image_size) for _ in range(2)]
+    out: dict[str, np.ndarray] = {}
+    threshold = augment.photometric.solarize_threshold
+    for name, view, p in zip(("view_a", "view_b"), views[:2], params):
+        if augment.photometric_on == "data":
+            view = apply_photometric_pil(view, p, threshold)
+        else:
+            out[f"{name}_photometric"] = p
+        out[name] = np.asarray(view, dtype=np.uint8)
+    out["view_mae"] = np.asarray(views[2], dtype=np.uint8)
+    return out
