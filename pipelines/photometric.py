@@ -7,7 +7,8 @@ device (``apply_photometric_torch``). Both apply the same operations in the same
 same parameters, so where augmentation runs changes the cost, not the distribution.
 
 Order: colour jitter (brightness, contrast, saturation, hue; applied together with probability
-``jitter_p``), grayscale, Gaussian blur, solarisation.
+``jitter_p``) and grayscale, composed into one affine colour map clamped once; then Gaussian blur,
+then solarisation. Hue is a rotation of the YIQ chroma plane (angle 2*pi*hue), which keeps luma.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Annotated
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+from PIL import Image, ImageFilter, ImageOps, ImageStat
 from pydantic import Field, model_validator
 
 from pipelines.settings import StrictSection
@@ -27,7 +28,6 @@ PHOTOMETRIC_FIELDS = (
 )
 # Identity parameters: what a view gets when no photometric operation fires.
 IDENTITY = np.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0], dtype=np.float32)
-_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L")
 
 Unit = Annotated[float, Field(ge=0, le=1)]
 
@@ -76,54 +76,58 @@ def blur_kernel_size(image_size: int) -> int:
     return max(3, int(0.1 * image_size) // 2 * 2 + 1)
 
 
+# RGB <-> YIQ: hue is rotated in the I-Q chroma plane, which keeps luma (Y) fixed.
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114],
+                        [0.596, -0.274, -0.322],
+                        [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
+
+
+def color_matrices(params_bp: np.ndarray) -> np.ndarray:
+    """The colour jitter and grayscale of each view as one 3x3 matrix, (B, 3, 3) float64.
+
+    Brightness b, contrast c, saturation s, hue h and grayscale g compose to
+    ``x -> M x + (1 - c) * b * mean_luma``, where ``M = G H S c b`` (S blends with luma, H rotates
+    chroma by 2*pi*h, G projects to luma). Computing one affine map, clamped once, is what lets
+    both the CPU and the device apply the whole jitter in one pass over the pixels.
+    """
+    params_bp = np.atleast_2d(params_bp).astype(np.float64)
+    b, c, s, h, g = (params_bp[:, i] for i in range(5))
+    luma = _RGB_TO_YIQ[0]
+    ones_luma = np.outer(np.ones(3), luma)
+    eye = np.eye(3)
+    saturation = s[:, None, None] * eye + (1 - s)[:, None, None] * ones_luma
+    angle = 2 * np.pi * h
+    rotation = np.zeros((len(h), 3, 3))
+    rotation[:, 0, 0] = 1
+    rotation[:, 1, 1] = rotation[:, 2, 2] = np.cos(angle)
+    rotation[:, 1, 2] = -np.sin(angle)
+    rotation[:, 2, 1] = np.sin(angle)
+    hue = _YIQ_TO_RGB @ rotation @ _RGB_TO_YIQ
+    gray = np.where(g[:, None, None] > 0, ones_luma, eye)
+    return gray @ hue @ saturation * (c * b)[:, None, None]
+
+
+def color_offsets(params_bp: np.ndarray, mean_luma_b: np.ndarray) -> np.ndarray:
+    """The constant term of the colour map, per view (same units as ``mean_luma_b``)."""
+    params_bp = np.atleast_2d(params_bp).astype(np.float64)
+    return (1 - params_bp[:, 1]) * params_bp[:, 0] * mean_luma_b
+
+
 def apply_photometric_pil(image: Image.Image, params: np.ndarray, threshold: int = 128) -> Image.Image:
     """Apply one view's parameters to an RGB PIL image on the CPU."""
     brightness, contrast, saturation, hue, grayscale, sigma, solarize = params.tolist()
-    if brightness != 1.0:
-        image = ImageEnhance.Brightness(image).enhance(brightness)
-    if contrast != 1.0:
-        image = ImageEnhance.Contrast(image).enhance(contrast)
-    if saturation != 1.0:
-        image = ImageEnhance.Color(image).enhance(saturation)
-    if hue != 0.0:
-        h, s, v = image.convert("HSV").split()
-        shifted = (np.asarray(h, dtype=np.int16) + int(round(hue * 255))) % 256
-        image = Image.merge("HSV", (Image.fromarray(shifted.astype(np.uint8)), s, v))
-        image = image.convert("RGB")
-    if grayscale:
-        image = image.convert("L").convert("RGB")
+    if (brightness, contrast, saturation, hue, grayscale) != (1.0, 1.0, 1.0, 0.0, 0.0):
+        mean_rgb = np.array(ImageStat.Stat(image).mean)
+        matrix = color_matrices(params)[0]
+        offset = float(color_offsets(params, np.array([_RGB_TO_YIQ[0] @ mean_rgb]))[0])
+        affine = np.concatenate([matrix, np.full((3, 1), offset)], axis=1)
+        image = image.convert("RGB", tuple(affine.ravel().tolist()))  # clamps to 0..255
     if sigma > 0:
         image = image.filter(ImageFilter.GaussianBlur(radius=sigma))
     if solarize:
         image = ImageOps.solarize(image, threshold)
     return image
-
-
-def _gray(x_bchw: torch.Tensor) -> torch.Tensor:
-    weights = torch.tensor(_LUMA, device=x_bchw.device, dtype=x_bchw.dtype).view(1, 3, 1, 1)
-    return (x_bchw * weights).sum(dim=1, keepdim=True)
-
-
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(dim=1)
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
-    delta = maxc - minc
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    hr = ((g - b) / safe) % 6
-    hg = (b - r) / safe + 2
-    hb = (r - g) / safe + 4
-    h = torch.where(maxc == r, hr, torch.where(maxc == g, hg, hb)) / 6.0
-    h = torch.where(delta > 0, h, torch.zeros_like(h))
-    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)),
-                    torch.zeros_like(maxc))
-    return torch.stack([h % 1.0, s, maxc], dim=1)
-
-
-def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    h, s, v = x.unbind(dim=1)
-    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], dim=1)
-    return v.unsqueeze(1) - (v * s).unsqueeze(1) * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
 
 
 def _gaussian_blur(x_bchw: torch.Tensor, sigma_b: torch.Tensor) -> torch.Tensor:
@@ -147,24 +151,18 @@ def apply_photometric_torch(
     x_bchw: torch.Tensor, params_bp: torch.Tensor, threshold: int = 128
 ) -> torch.Tensor:
     """Apply each image's parameters to a float batch in [0, 1], on whatever device it is on."""
-    p = params_bp.to(device=x_bchw.device, dtype=x_bchw.dtype)
-    view = lambda column: p[:, column].view(-1, 1, 1, 1)  # noqa: E731
-    x = (x_bchw * view(0)).clamp(0, 1)
-    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    x = ((x - mean) * view(1) + mean).clamp(0, 1)
-    gray = _gray(x)
-    x = ((x - gray) * view(2) + gray).clamp(0, 1)
-    shift = p[:, 3]
-    if bool((shift != 0).any()):
-        hsv = _rgb_to_hsv(x)
-        hue = (hsv[:, 0] + shift.view(-1, 1, 1)) % 1.0
-        x = _hsv_to_rgb(torch.stack([hue, hsv[:, 1], hsv[:, 2]], dim=1))
-    x = torch.where(view(4) > 0, _gray(x).expand_as(x), x)
-    sigma = p[:, 5]
+    params = np.asarray(params_bp.detach().cpu(), dtype=np.float64)
+    luma = torch.tensor(_RGB_TO_YIQ[0], device=x_bchw.device, dtype=x_bchw.dtype)
+    mean_luma = torch.einsum("c,bchw->b", luma, x_bchw) / (x_bchw.shape[2] * x_bchw.shape[3])
+    matrix = torch.as_tensor(color_matrices(params), device=x_bchw.device, dtype=x_bchw.dtype)
+    b, c = (torch.as_tensor(params[:, i], device=x_bchw.device, dtype=x_bchw.dtype)
+            for i in (0, 1))
+    offset = ((1 - c) * b * mean_luma).view(-1, 1, 1, 1)
+    x = (torch.einsum("bij,bjhw->bihw", matrix, x_bchw) + offset).clamp(0, 1)
+    sigma = torch.as_tensor(params[:, 5], device=x.device, dtype=x.dtype)
     blurred_rows = sigma > 0
     if bool(blurred_rows.any()):
         x = x.clone()
         x[blurred_rows] = _gaussian_blur(x[blurred_rows], sigma[blurred_rows])
-    solarized = torch.where(x >= threshold / 255.0, 1.0 - x, x)
-    return torch.where(view(6) > 0, solarized, x)
-
+    solarize = torch.as_tensor(params[:, 6], device=x.device).view(-1, 1, 1, 1) > 0
+    return torch.where(solarize & (x >= threshold / 255.0), 1.0 - x, x)

@@ -36,7 +36,7 @@ class QualityConfig(StrictSection):
 
     min_side: Annotated[int, Field(ge=1)] = 64
     max_aspect_ratio: Annotated[float, Field(ge=1)] = 4.0
-    # Standard deviation of the grey levels (0-255) of a 32x32 thumbnail; below it, an image is
+    # Standard deviation of the grey levels (0-255) of a ~32 px thumbnail; below it, an image is
     # blank (a solid colour, an all-black frame, a placeholder).
     min_pixel_std: Annotated[float, Field(ge=0)] = 2.0
     # Declared width x height above this is refused before decoding (decompression bombs).
@@ -57,8 +57,9 @@ def size_reason(width: int, height: int, config: QualityConfig) -> str | None:
 
 
 def is_blank(image: Image.Image, config: QualityConfig) -> bool:
-    """True for near-constant images (a 32x32 grey thumbnail with almost no variation)."""
-    thumbnail = image.convert("L").resize((32, 32), Image.BILINEAR)
+    """True for near-constant images (a ~32 px grey thumbnail with almost no variation)."""
+    factor = max(1, min(image.size) // 32)
+    thumbnail = (image.reduce(factor) if factor > 1 else image).convert("L")  # box-filtered
     return float(np.asarray(thumbnail, dtype=np.float32).std()) < config.min_pixel_std
 
 

@@ -188,7 +188,7 @@ class DataStage:
             _ViewMaker,
             batch_size=self.config.view_batch_size,
             num_cpus=1,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=self.config.view_workers),
+            compute=ray.data.ActorPoolStrategy(size=self.config.view_workers),
             fn_constructor_kwargs={
                 "image_size": self.image_size, "augment": self.config.augment,
                 "quality": self.config.quality, "seed": self.config.seed,

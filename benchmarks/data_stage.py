@@ -1,0 +1,237 @@
+"""Data-stage throughput on this machine: decode bound, a DataLoader peer, and our pipeline.
+
+    .venv/bin/python benchmarks/data_stage.py --images 512 --workers 2 --epochs 8 --repeats 3 --profile
+
+Makes ImageNet-like JPEGs (about 500x375, quality 90) from scikit-image's photographs, ingests
+them into local WebDataset shards, then measures, at 224 px with two SimCLR views and one MAE
+view per image:
+  1. decode alone (PIL, full size), in ``--workers`` processes: the bound;
+  2. torch.utils.data.DataLoader with torchvision v2 transforms of the same augmentation, on
+     uint8 tensors, with ``--workers`` worker processes: the peer;
+  3. our Ray Data stage with photometric augmentation in the data stage;
+  4. our Ray Data stage with photometric augmentation left to the device, and the cost of that
+     augmentation per batch on the device (this machine's CPU unless --device says otherwise).
+Our stage runs --repeats times per mode and the median is kept (run-to-run spread on this
+2-core machine is large: the consumer shares the cores with the stage's actors).
+Prints one JSON object with every figure and the ratios 3/2, 3/1 and 4/1, and, with --profile,
+where the time of one image goes in each mode of our stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import multiprocessing
+import pstats
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines.augment import AugmentConfig, make_views
+from pipelines.ingest import IngestConfig, ingest
+from pipelines.photometric import PhotometricConfig, apply_photometric_torch
+from pipelines.quality import QualityConfig
+from pipelines.sample_images import sample_photographs
+from pipelines.stream import DataConfig, DataStage
+
+SIZE = 224
+
+
+def make_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """``count`` JPEGs of about 500x375, each a different random crop of a sample photograph."""
+    rng = np.random.default_rng(seed)
+    photos = [p for p in sample_photographs(min_side=256)]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        w, h = photo.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        landscape = rng.random() < 0.75
+        out = photo.crop((left, top, left + cw, top + ch)).resize(
+            (500, 375) if landscape else (375, 500), Image.BICUBIC)
+        path = folder / f"img{i:05d}.jpg"
+        out.save(path, format="JPEG", quality=90)
+        paths.append(path)
+    return paths
+
+
+def _decode_all(datas: list[bytes]) -> int:
+    for data in datas:
+        Image.open(io.BytesIO(data)).convert("RGB")
+    return len(datas)
+
+
+def bench_decode(datas: list[bytes], workers: int, repeat: int = 3) -> float:
+    chunks = [datas[i::workers] * repeat for i in range(workers)]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        pool.map(_decode_all, [c[:8] for c in chunks])  # warm the workers
+        started = time.perf_counter()
+        done = sum(pool.map(_decode_all, chunks))
+    return done / (time.perf_counter() - started)
+
+
+class _TorchvisionDataset(torch.utils.data.Dataset):
+    """The same augmentation with torchvision v2 on uint8 tensors: the common way to write it."""
+
+    def __init__(self, paths: list[Path], photometric: PhotometricConfig):
+        from torchvision.transforms import v2
+
+        self.paths = paths
+        p = photometric
+        photometric_ops = [
+            v2.RandomApply([v2.ColorJitter(p.brightness, p.contrast, p.saturation, p.hue)],
+                           p=p.jitter_p),
+            v2.RandomGrayscale(p=p.grayscale_p),
+            v2.RandomApply([v2.GaussianBlur(23, sigma=p.blur_sigma)], p=p.blur_p),
+        ]
+        self.contrastive = v2.Compose([
+            v2.ToImage(), v2.RandomResizedCrop(SIZE, scale=(0.08, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(), *photometric_ops,
+        ])
+        self.mae = v2.Compose([
+            v2.ToImage(), v2.RandomResizedCrop(SIZE, scale=(0.2, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image = Image.open(self.paths[index]).convert("RGB")
+        return {"view_a": self.contrastive(image), "view_b": self.contrastive(image),
+                "view_mae": self.mae(image)}
+
+
+def bench_dataloader(paths: list[Path], workers: int, batch_size: int, epochs: int) -> float:
+    torch.set_num_threads(1)
+    loader = torch.utils.data.DataLoader(
+        _TorchvisionDataset(paths, PhotometricConfig()), batch_size=batch_size,
+        num_workers=workers, persistent_workers=True, prefetch_factor=2,
+    )
+    iterator = iter(loader)
+    next(iterator)  # start-up and the first batch are not timed
+    started, count = time.perf_counter(), 0
+    for epoch in range(epochs):
+        for batch in iterator:
+            count += len(batch["view_a"])
+        iterator = iter(loader)
+    return count / (time.perf_counter() - started)
+
+
+def bench_stage(shards: str, photometric_on: str, workers: int, batch_size: int,
+                epochs: int, repeats: int) -> tuple[list[float], dict]:
+    """Images/s of ``repeats`` full runs of our stage (start-up and first batch not timed)."""
+    config = DataConfig.model_validate({
+        "source": {"url": shards}, "epochs": epochs, "view_workers": workers,
+        "augment": {"photometric_on": photometric_on},
+    })
+    rates = []
+    for _ in range(repeats):
+        stage = DataStage(config, SIZE)
+        iterator = iter(stage.iter_batches(batch_size))
+        next(iterator)
+        started, count = time.perf_counter(), 0
+        for batch in iterator:
+            count += len(batch["view_a"])
+        rates.append(count / (time.perf_counter() - started))
+    return rates, stage.counters()
+
+
+def bench_device_photometric(batch_size: int, device: str, repeat: int = 5) -> float:
+    """Seconds to apply photometric augmentation to both contrastive views of one batch."""
+    from pipelines.photometric import sample_photometric
+
+    rng = np.random.default_rng(0)
+    config = PhotometricConfig()
+    views = torch.randint(0, 256, (2 * batch_size, 3, SIZE, SIZE), dtype=torch.uint8)
+    params = torch.from_numpy(np.stack([sample_photometric(rng, config, SIZE)
+                                        for _ in range(2 * batch_size)]))
+    x = views.to(device).float() / 255
+    apply_photometric_torch(x, params)  # warm-up
+    times = []
+    for _ in range(repeat):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        apply_photometric_torch(views.to(device).float() / 255, params)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def profile_views(datas: list[bytes], photometric_on: str, top: int = 12) -> list[str]:
+    augment = AugmentConfig(photometric_on=photometric_on)
+    rng = np.random.default_rng(0)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for data in datas:
+        make_views(data, rng, SIZE, augment, QualityConfig())
+    profiler.disable()
+    stream = io.StringIO()
+    pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(top)
+    per_image_ms = 1000 * pstats.Stats(profiler).total_tt / len(datas)
+    lines = [f"{photometric_on}: {per_image_ms:.2f} ms per image in one process"]
+    lines += [line for line in stream.getvalue().splitlines() if "{" in line or "(" in line][:top]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=8, help="passes over the data")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of our stage; median kept")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="ssl-data-bench-"))
+    paths = make_jpegs(work / "jpegs", args.images)
+    datas = [p.read_bytes() for p in paths]
+    ingest(str(work / "jpegs"), str(work / "shards"), IngestConfig(samples_per_shard=32),
+           log=lambda line: None)
+    results: dict = {"images": args.images, "workers": args.workers,
+                     "batch_size": args.batch_size, "image_size": SIZE}
+    results["1_decode_images_per_s"] = bench_decode(datas, args.workers)
+    results["2_dataloader_torchvision_v2_images_per_s"] = bench_dataloader(
+        paths, args.workers, args.batch_size, args.epochs)
+    rates3, counters3 = bench_stage(str(work / "shards"), "data", args.workers,
+                                    args.batch_size, args.epochs, args.repeats)
+    rates4, counters4 = bench_stage(str(work / "shards"), "device", args.workers,
+                                    args.batch_size, args.epochs, args.repeats)
+    results["3_ray_stage_photometric_on_data_images_per_s"] = float(np.median(rates3))
+    results["3_runs"] = [round(r, 1) for r in rates3]
+    results["4_ray_stage_photometric_on_device_images_per_s"] = float(np.median(rates4))
+    results["4_runs"] = [round(r, 1) for r in rates4]
+    seconds = bench_device_photometric(args.batch_size, args.device)
+    results["4_device_photometric_seconds_per_batch"] = seconds
+    results["4_device_photometric_device"] = args.device
+    results["4_device_photometric_images_per_s"] = args.batch_size / seconds
+    r1, r2, r3, r4 = (results[k] for k in (
+        "1_decode_images_per_s", "2_dataloader_torchvision_v2_images_per_s",
+        "3_ray_stage_photometric_on_data_images_per_s",
+        "4_ray_stage_photometric_on_device_images_per_s"))
+    results["ratio_3_over_2"] = r3 / r2
+    results["ratio_3_over_1"] = r3 / r1
+    results["ratio_4_over_1"] = r4 / r1
+    results["counters_stage_3"] = counters3
+    results["counters_stage_4"] = counters4
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()},
+                     indent=2))
+    if args.profile:
+        for mode in ("data", "device"):
+            print("\n".join(profile_views(datas[:100], mode)))
+
+
+if __name__ == "__main__":
+    main()
