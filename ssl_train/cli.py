@@ -48,22 +48,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    from pipelines.sample_images import random_view_batches, sample_photographs
-    from ssl_train.runner import run_in_process
+    from ssl_train.launcher import train
 
-    run_dir = Path(config.run.output_dir) / config.run.name
-    images = sample_photographs(min_side=config.model.image_size)
-    print(
-        f"training {config.run.name}: {config.train.steps} steps, batch "
-        f"{config.train.global_batch_size}, objective {config.loss.objective}, on "
-        f"{len(images)} scikit-image sample photographs, in this process"
-    )
-    batches = random_view_batches(
-        images, config.model.image_size, config.train.global_batch_size, config.train.seed,
-        config.data.augment,
-    )
-    run_in_process(config, batches, run_dir)
-    print(f"run directory: {run_dir.resolve()} (config.yaml, metrics.jsonl)")
+    train(config, address=args.address, options=_storage_options(args))
     return 0
 
 
@@ -174,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
+    train.add_argument("--address", help="Ray cluster address, e.g. auto (default: start a "
+                       "local one)")
+    _add_storage_arguments(train)
     train.set_defaults(handler=cmd_train)
 
     evaluate = commands.add_parser("eval", help="kNN and linear-probe accuracy of a checkpoint")

@@ -136,10 +136,27 @@ class TrainConfig(StrictSection):
     global_batch_size: PositiveInt = 256
     seed: int = 0
     log_every: PositiveInt = 10
+    num_workers: PositiveInt = 2
+    use_gpu: bool = False
+    cpus_per_worker: PositiveFloat = 1.0
+    checkpoint_every: PositiveInt = 50
+    keep_checkpoints: PositiveInt = 3
+    # Restarts of the worker group from the last checkpoint before the run fails.
+    max_failures: Annotated[int, Field(ge=-1)] = 3
+    # How workers are placed on nodes (Ray placement group strategy).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"] = "PACK"
+
+
+class ParallelConfig(StrictSection):
+    """How the model is spread over workers (applied outside the model code)."""
+
+    mixed_precision: Literal["bf16", "fp32"] = "bf16"  # GPUs only; CPU workers compute in fp32
+    activation_checkpointing: bool = False
 
 
 class RunConfig(StrictSection):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "run"
+    # Where run directories live: a local path or an fsspec URL such as s3://bucket/runs.
     output_dir: Annotated[str, Field(min_length=1)] = "runs"
 
 
@@ -151,6 +168,7 @@ class PretrainConfig(StrictSection):
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    parallel: ParallelConfig = ParallelConfig()
     data: DataConfig = DataConfig()
 
     @model_validator(mode="after")
@@ -158,6 +176,12 @@ class PretrainConfig(StrictSection):
         if self.train.global_batch_size % self.optim.accumulation_steps:
             raise ValueError(
                 f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
+                f"optim.accumulation_steps ({self.optim.accumulation_steps})"
+            )
+        if self.train.global_batch_size % (self.train.num_workers * self.optim.accumulation_steps):
+            raise ValueError(
+                f"train.global_batch_size ({self.train.global_batch_size}) must split evenly "
+                f"over train.num_workers ({self.train.num_workers}) x "
                 f"optim.accumulation_steps ({self.optim.accumulation_steps})"
             )
         if self.loss.objective != "masked" and (

@@ -9,21 +9,20 @@ only; ``GlobalBatchNorm1d`` does it on any ``torch.distributed`` backend (gloo i
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.nn.functional import all_reduce as _all_reduce_with_grad
+
+from ssl_train.collectives import all_reduce_sum_with_grad, world_size
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose training statistics are those of the batch across all ranks."""
 
     def forward(self, x_nd: torch.Tensor) -> torch.Tensor:
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if not (self.training and distributed):
+        if not (self.training and world_size() > 1):
             return super().forward(x_nd)
         count = torch.tensor([float(x_nd.shape[0])], device=x_nd.device, dtype=x_nd.dtype)
         stats = torch.cat([count, x_nd.sum(0), (x_nd * x_nd).sum(0)])
-        stats = _all_reduce_with_grad(stats)
+        stats = all_reduce_sum_with_grad(stats)
         total = stats[0]
         mean_d = stats[1 : 1 + x_nd.shape[1]] / total
         var_d = (stats[1 + x_nd.shape[1] :] / total - mean_d * mean_d).clamp_min(0.0)

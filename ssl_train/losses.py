@@ -9,23 +9,9 @@ masked patches only. Neither knows about models, optimisers or weighting.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_gather as _all_gather_with_grad
 
-
-def _distributed_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather_with_grad(x_nd: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank in rank order; gradients flow back to each rank's part."""
-    _, world = _distributed_world()
-    if world == 1:
-        return x_nd
-    return torch.cat(_all_gather_with_grad(x_nd.contiguous()), dim=0)
+from ssl_train.collectives import all_gather_with_grad, rank
 
 
 def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -40,16 +26,15 @@ def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> to
         raise ValueError(f"z_a and z_b must both be (N, D), got {tuple(z_a.shape)}, {tuple(z_b.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    rank, _ = _distributed_world()
     n = z_a.shape[0]
     local_nd = F.normalize(torch.cat([z_a, z_b], dim=0), dim=1)  # (2n, D): views a then b
-    all_a = gather_with_grad(F.normalize(z_a, dim=1))
-    all_b = gather_with_grad(F.normalize(z_b, dim=1))
+    all_a = all_gather_with_grad(F.normalize(z_a, dim=1))
+    all_b = all_gather_with_grad(F.normalize(z_b, dim=1))
     global_n = all_a.shape[0]
     candidates_md = torch.cat([all_a, all_b], dim=0)  # (2N, D)
 
     logits = local_nd @ candidates_md.T / temperature  # (2n, 2N)
-    first = rank * n  # where this rank's images sit in the global batch
+    first = rank() * n  # where this rank's images sit in the global batch
     local_idx = torch.arange(n, device=z_a.device) + first
     self_idx = torch.cat([local_idx, local_idx + global_n])
     positive_idx = torch.cat([local_idx + global_n, local_idx])

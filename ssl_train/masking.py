@@ -33,16 +33,20 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
 
 
 def random_masking(
-    tokens_bnd: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
+    tokens_bnd: torch.Tensor, mask_ratio: float, noise_bn: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep a random subset of tokens per image.
+    """Keep a random subset of tokens per image: those with the smallest ``noise_bn``.
 
     Returns ``(visible_bkd, mask_bn, ids_restore_bn)``: the kept tokens, a mask with 1 for masked
     (dropped) positions in the original order, and the permutation that undoes the shuffle.
+    Passing the noise (rather than drawing it here) lets N workers reproduce the masks of one
+    worker holding the whole batch.
     """
     b, n, d = tokens_bnd.shape
     keep = num_visible(n, mask_ratio)
-    noise_bn = torch.rand(b, n, device=tokens_bnd.device, generator=generator)
+    if noise_bn is None:
+        noise_bn = torch.rand(b, n, device=tokens_bnd.device)
+    noise_bn = noise_bn.to(tokens_bnd.device)
     ids_shuffle_bn = torch.argsort(noise_bn, dim=1)  # ascending: the smallest noise is kept
     ids_restore_bn = torch.argsort(ids_shuffle_bn, dim=1)
     ids_keep_bk = ids_shuffle_bn[:, :keep]

@@ -112,13 +112,13 @@ class HybridSSL(nn.Module):
         return nt_xent_loss(z_a, z_b, self.loss_config.temperature), z_a
 
     def forward_encoder(
-        self, images_bchw: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None
+        self, images_bchw: torch.Tensor, mask_ratio: float, mask_noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encode the visible patches only; mask tokens never enter the encoder."""
         enc = self.encoder
         tokens_bnd = enc.patch_embed(images_bchw)
         tokens_bnd = tokens_bnd + enc.pos_embed[:, enc.num_prefix_tokens :]
-        visible_bkd, mask_bn, ids_restore_bn = random_masking(tokens_bnd, mask_ratio, generator)
+        visible_bkd, mask_bn, ids_restore_bn = random_masking(tokens_bnd, mask_ratio, mask_noise)
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(visible_bkd.shape[0], -1, -1)
         x = torch.cat([cls, visible_bkd], dim=1)
         x = enc.norm_pre(enc.pos_drop(x))
@@ -139,10 +139,10 @@ class HybridSSL(nn.Module):
         )
 
     def forward_masked(
-        self, images_bchw: torch.Tensor, generator: torch.Generator | None = None
+        self, images_bchw: torch.Tensor, mask_noise: torch.Tensor | None = None
     ) -> torch.Tensor:
         latent, mask_bn, ids_restore_bn = self.forward_encoder(
-            images_bchw, self.loss_config.mask_ratio, generator
+            images_bchw, self.loss_config.mask_ratio, mask_noise
         )
         pred_bnp = self.forward_decoder(latent, ids_restore_bn)
         return self.forward_loss(images_bchw, pred_bnp, mask_bn)
@@ -152,7 +152,7 @@ class HybridSSL(nn.Module):
         view_a: torch.Tensor | None = None,
         view_b: torch.Tensor | None = None,
         view_mae: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        mask_noise: torch.Tensor | None = None,
     ) -> HybridOutput:
         """All active losses on one batch: two augmented views and one MAE view of each image."""
         losses: dict[str, torch.Tensor] = {}
@@ -161,7 +161,7 @@ class HybridSSL(nn.Module):
             losses["contrastive"], z_a = self.forward_contrastive(view_a, view_b)
             embeddings = z_a.detach()
         if self.decoder is not None:
-            losses["masked"] = self.forward_masked(view_mae, generator)
+            losses["masked"] = self.forward_masked(view_mae, mask_noise)
         total, weights = self.weighting(losses)
         return HybridOutput(
             loss=total,

@@ -50,14 +50,16 @@ def run_in_process(
     model.train()
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
-    generator = torch.Generator().manual_seed(config.train.seed)
+    noise = torch.Generator().manual_seed(config.train.seed)
+    num_patches = config.model.num_patches
     total = config.train.steps
     started = time.perf_counter()
     with open(run_dir / "metrics.jsonl", "w") as metrics_file:
         for step, batch in enumerate(batches, start=1):
             step_started = time.perf_counter()
             views = normalize_views(batch)
-            record = train_step(model, optimizer, scheduler, views, config, generator)
+            mask_noise = torch.rand(len(views["view_a"]), num_patches, generator=noise)
+            record = train_step(model, optimizer, scheduler, views, config, mask_noise)
             step_seconds = time.perf_counter() - step_started
             images = next(iter(views.values())).shape[0]
             record = {"step": step, "step_seconds": step_seconds,

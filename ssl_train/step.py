@@ -57,17 +57,25 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     views: Mapping[str, torch.Tensor],
     config: PretrainConfig,
-    generator: torch.Generator | None = None,
+    mask_noise: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Forward, backward (accumulated over micro-batches), clip, step; returns what to log."""
+    """Forward, backward (accumulated over micro-batches), clip, step; returns what to log.
+
+    ``mask_noise`` (B, N) decides the masked branch's patches for this worker's B images.
+    """
     accumulation = config.optim.accumulation_steps
-    parts = {key: images.chunk(accumulation) for key, images in views.items()}
+    inputs = dict(views)
+    if mask_noise is not None:
+        inputs["mask_noise"] = mask_noise
+    parts = {key: tensor.chunk(accumulation) for key, tensor in inputs.items()}
     chunks = [{key: parts[key][i] for key in parts} for i in range(accumulation)]
     optimizer.zero_grad(set_to_none=True)
     summed: dict[str, float] = {}
     embeddings = []
-    for chunk in chunks:
-        output = model(**chunk, generator=generator)
+    for index, chunk in enumerate(chunks):
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce once, on the last
+            model.set_requires_gradient_sync(index == len(chunks) - 1)
+        output = model(**chunk)
         (output.loss / len(chunks)).backward()
         logged = {"loss": output.loss.detach()}
         logged |= {f"loss_{name}": value for name, value in output.losses.items()}
@@ -79,6 +87,8 @@ def train_step(
     max_norm = config.optim.grad_clip_norm or float("inf")
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+        grad_norm = grad_norm.full_tensor()
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()

@@ -77,11 +77,14 @@ def s3_bucket(s3_env, request):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray instance with this machine's two cores, shared by the tests that need one."""
+    """A local Ray instance shared by the tests that need one.
+
+    4 logical CPUs on this 2-core machine: 2 training workers and the data stage's actors.
+    """
     import ray
 
     # Ray's workers have the environment of their node, as pods have their Secret's variables.
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
              runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true", **S3_CREDENTIALS}})
     yield ray
     ray.shutdown()

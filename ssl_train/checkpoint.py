@@ -1,0 +1,135 @@
+"""Checkpoints: sharded with torch.distributed.checkpoint, verified before they are ever used.
+
+A checkpoint directory holds DCP's files (``.metadata`` and one ``__<rank>_0.distcp`` per rank:
+model and optimizer state, resharded on load when the worker count changes) and
+``train_state.json`` (step, scheduler, data cursor, world size, and the size and SHA-256 of every
+other file). A directory is *complete* only if every file that ``train_state.json`` lists is
+there with that size; anything else (a crash during upload, a deleted or truncated file) is
+skipped on resume. Checkpoints are written into a local directory per worker and persisted by
+``ray.train.report``; they are read back from any fsspec URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import re
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from pipelines.storage import StorageOptions, open_filesystem, storage_call
+
+TRAIN_STATE = "train_state.json"
+CHECKPOINT_PREFIX = "checkpoint_"
+_CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}\d{{9}}")
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:09d}"
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _file_digest(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return path.stat().st_size, digest.hexdigest()
+
+
+def save_checkpoint(
+    local_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    train_state: dict[str, Any],
+) -> None:
+    """Write this rank's part of a checkpoint into ``local_dir`` (collective: every rank calls)."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(local_dir))
+    rank, world = _world()
+    mine = {p.name: _file_digest(p) for p in sorted(local_dir.iterdir()) if p.is_file()}
+    everyone = [None] * world
+    if world > 1:
+        dist.all_gather_object(everyone, mine)
+    else:
+        everyone = [mine]
+    if rank == 0:
+        files = {name: {"bytes": size, "sha256": sha}
+                 for part in everyone for name, (size, sha) in part.items()}
+        state = {**train_state, "world_size": world, "files": files}
+        (local_dir / TRAIN_STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
+
+
+def load_checkpoint(
+    local_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Load model and optimizer state (resharding as needed); returns the train state."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(local_dir))
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    return json.loads((local_dir / TRAIN_STATE).read_text())
+
+
+def is_complete(uri: str, options: StorageOptions | None = None) -> bool:
+    """True if the checkpoint at ``uri`` has every file its train state lists, at full size."""
+    fs, path = open_filesystem(uri, options)
+    state_path = posixpath.join(path, TRAIN_STATE)
+    try:
+        state = json.loads(fs.cat_file(state_path))
+        files = state["files"]
+        for name, expected in files.items():
+            if fs.size(posixpath.join(path, name)) != expected["bytes"]:
+                return False
+    except (OSError, KeyError, ValueError, TypeError):  # missing, not a directory, garbled
+        return False
+    return ".metadata" in files
+
+
+def list_checkpoints(run_uri: str, options: StorageOptions | None = None) -> list[str]:
+    """Checkpoint directories of a run, newest first (by step)."""
+    fs, path = open_filesystem(run_uri, options)
+    if not storage_call(run_uri, options, fs.exists, path):
+        return []
+    entries = storage_call(run_uri, options, fs.ls, path, detail=False)
+    names = sorted((name for name in (posixpath.basename(e.rstrip("/")) for e in entries)
+                    if _CHECKPOINT_NAME.fullmatch(name)), reverse=True)
+    return [run_uri.rstrip("/") + "/" + name for name in names]
+
+
+def latest_complete_checkpoint(run_uri: str, options: StorageOptions | None = None) -> str | None:
+    """The newest checkpoint of a run that was written completely, or None."""
+    for uri in list_checkpoints(run_uri, options):
+        if is_complete(uri, options):
+            return uri
+    return None
+
+
+def read_train_state(uri: str, options: StorageOptions | None = None) -> dict[str, Any]:
+    fs, path = open_filesystem(uri, options)
+    return json.loads(storage_call(uri, options, fs.cat_file, posixpath.join(path, TRAIN_STATE)))
+
+
+@contextmanager
+def local_copy(uri: str, options: StorageOptions | None = None):
+    """The checkpoint at ``uri`` as a local directory (a download for remote storage)."""
+    fs, path = open_filesystem(uri, options)
+    if fs.protocol in ("file", ("file", "local")) and os.path.isdir(path):
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="ssl-ckpt-") as tmp:
+        storage_call(uri, options, fs.get, path.rstrip("/") + "/", tmp + "/", recursive=True)
+        yield Path(tmp)

@@ -1,0 +1,153 @@
+"""``ssl-pretrain train``: the data stage and a Ray Train TorchTrainer, from one config.
+
+Checks everything a user can get wrong (config, data location, storage) before any cluster work,
+starts or joins a Ray cluster, and runs ``ssl_train.worker.train_loop_per_worker`` on
+``train.num_workers`` workers (gloo on CPUs, NCCL on GPUs). The data stage is handed to Ray Train
+as a factory: each time the worker group (re)starts, it is rebuilt from the data cursor of the
+run's latest complete checkpoint, so consumed shards are not read again after a restart either.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+from pipelines.cluster import ensure_ray
+from pipelines.cursor import DataCursor
+from pipelines.sources import list_shards
+from pipelines.storage import StorageOptions, is_remote, open_filesystem, storage_call
+from ssl_train.checkpoint import latest_complete_checkpoint, read_train_state
+from ssl_train.config import PretrainConfig
+
+SAMPLE_SHARDS = "sample-shards"
+
+
+def run_uri_of(config: PretrainConfig) -> str:
+    """The run directory: OUTPUT_DIR/NAME (an absolute path when local)."""
+    root = config.run.output_dir
+    if not is_remote(root):
+        root = os.path.abspath(root)
+    return f"{root.rstrip('/')}/{config.run.name}"
+
+
+def local_cpus(config: PretrainConfig) -> int:
+    """Logical CPUs for a local Ray instance: enough for the workers and the data stage."""
+    wanted = math.ceil(config.train.num_workers * config.train.cpus_per_worker)
+    return max(os.cpu_count() or 1, wanted + config.data.view_workers + 1)
+
+
+def ensure_sample_shards(config: PretrainConfig, options: StorageOptions,
+                         log: Callable[[str], None]) -> str:
+    """Shards of scikit-image's photographs under OUTPUT_DIR, ingested on first use."""
+    from pipelines.ingest import IngestConfig, ingest
+    from pipelines.sample_images import sample_photograph_dir
+
+    root = config.run.output_dir if is_remote(config.run.output_dir) else os.path.abspath(
+        config.run.output_dir)
+    dest = f"{root.rstrip('/')}/{SAMPLE_SHARDS}"
+    fs, path = open_filesystem(dest, options)
+    if not storage_call(dest, options, fs.exists, f"{path}/manifest.json"):
+        log(f"ingesting scikit-image's sample photographs into {dest} (once)")
+        quality = config.data.quality.model_dump()
+        ingest(str(sample_photograph_dir()), dest,
+               IngestConfig(samples_per_shard=4, quality=quality), options, log=log)
+    return dest
+
+
+def epochs_needed(config: PretrainConfig, source_url: str, options: StorageOptions) -> int:
+    """Epochs that cover the configured steps, from the manifest's sample count when known."""
+    import json
+
+    fs, path = open_filesystem(source_url, options)
+    manifest_path = f"{path.rstrip('/')}/manifest.json"
+    if config.data.source.format != "webdataset" or not fs.exists(manifest_path):
+        return config.data.epochs
+    total = json.loads(fs.cat_file(manifest_path))["total_samples"]
+    needed = math.ceil(config.train.steps * config.train.global_batch_size / max(1, total)) + 2
+    return min(config.data.epochs, needed)
+
+
+def _storage_filesystem(run_root: str, options: StorageOptions):
+    """(storage_path, pyarrow filesystem) for Ray Train's RunConfig."""
+    if not is_remote(run_root):
+        return os.path.abspath(run_root), None
+    import pyarrow.fs
+
+    fs, path = open_filesystem(run_root, options)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def train(config: PretrainConfig, address: str | None = None,
+          options: StorageOptions | None = None, log: Callable[[str], None] = print) -> str:
+    """Run (or resume) the configured pretraining; returns the run directory."""
+    options = (options or StorageOptions()).with_environment_endpoint()
+    run_uri = run_uri_of(config)
+    resume = latest_complete_checkpoint(run_uri, options)  # storage problems surface here
+    if resume:
+        done = int(read_train_state(resume, options)["step"])
+        if done >= config.train.steps:
+            log(f"run {config.run.name} is complete at step {done} ({resume}); raise "
+                "train.steps to train further")
+            return run_uri
+    ensure_ray(address, num_cpus=local_cpus(config))
+    if not config.data.source.url:
+        url = ensure_sample_shards(config, options, log)
+        config = config.model_copy(deep=True)
+        config.data.source.url = url
+    shards = list_shards(config.data.source, options)
+    data = config.data.model_copy(update={"epochs": epochs_needed(
+        config, config.data.source.url, options)})
+    config = config.model_copy(update={"data": data})
+    if resume:
+        log(f"resuming run {config.run.name} from {resume}")
+    log(f"training {config.run.name}: {config.train.steps} steps, global batch "
+        f"{config.train.global_batch_size}, {config.train.num_workers} workers, "
+        f"{len(shards)} shards, {data.epochs} epochs at most; run directory {run_uri}")
+
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    from ssl_train.worker import train_loop_per_worker
+
+    image_size = config.model.image_size
+
+    def dataset_factory():
+        from pipelines.stream import DataStage
+
+        latest = latest_complete_checkpoint(run_uri, options)
+        cursor = (DataCursor.from_dict(read_train_state(latest, options)["cursor"]) if latest
+                  else DataCursor(seed=config.data.seed))
+        return DataStage(config.data, image_size, options, cursor=cursor).dataset()
+
+    storage_path, storage_fs = _storage_filesystem(config.run.output_dir, options)
+    loop_config: dict[str, Any] = {
+        "config": config.model_dump(mode="json"),
+        "storage": {"endpoint_url": options.endpoint_url, "key": options.key,
+                    "secret": options.secret, "anon": options.anon},
+        "run_uri": run_uri,
+        "num_shards": len(shards),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
+            resources_per_worker={"CPU": config.train.cpus_per_worker},
+            placement_strategy=config.train.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+        ),
+        datasets={"train": dataset_factory},
+        dataset_config=ray.train.DataConfig(
+            execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    trainer.fit()
+    log(f"run directory: {run_uri} (checkpoints, metrics.jsonl)")
+    return run_uri

@@ -1,0 +1,191 @@
+"""The training loop that runs in each Ray Train worker.
+
+Builds the model, shards it (``ssl_train.parallel``), resumes from the run's latest complete
+checkpoint, consumes this worker's split of the data stage, and every ``checkpoint_every`` steps
+writes a checkpoint (model, optimizer, scheduler, step, data cursor; loss weights are model
+parameters) through ``ray.train.report``. Rank 0 logs every step to ``metrics.jsonl`` and prints
+progress. Randomness is a function of (seed, step, rank), so a resumed run continues the same
+random stream without saving generator states.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipelines.cursor import CursorTracker, DataCursor
+from pipelines.storage import StorageOptions
+from ssl_train.checkpoint import (
+    checkpoint_dir_name,
+    latest_complete_checkpoint,
+    load_checkpoint,
+    local_copy,
+    save_checkpoint,
+)
+from ssl_train.config import PretrainConfig
+from ssl_train.metrics_log import MetricsLog
+from ssl_train.model import HybridSSL
+from ssl_train.optim import build_optimizer, build_scheduler
+from ssl_train.parallel import apply_parallelism
+from ssl_train.runner import progress_line
+from ssl_train.step import normalize_views, train_step
+
+
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A seed for one step's randomness, independent across (seed, step, stream)."""
+    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0])
+
+
+def global_mask_noise(config: PretrainConfig, step: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's rows of the masking noise of the whole global batch at ``step``.
+
+    Drawn for the global batch and sliced, so 1 worker and N workers mask the same patches.
+    """
+    generator = torch.Generator().manual_seed(step_seed(config.train.seed, step, 1))
+    noise = torch.rand(config.train.global_batch_size, config.model.num_patches,
+                       generator=generator)
+    per_rank = config.train.global_batch_size // world
+    return noise[rank * per_rank:(rank + 1) * per_rank]
+
+
+def _say(line: str) -> None:
+    """One line to the driver's terminal (Ray Train's patched print would log it twice)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _broadcast(value: Any) -> Any:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _average(record: dict[str, float]) -> dict[str, float]:
+    """Metric values averaged over ranks (the global value for means over equal batches)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return record
+    keys = sorted(record)
+    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    values /= dist.get_world_size()
+    return dict(zip(keys, values.tolist()))
+
+
+def _global_cursor(tracker: CursorTracker, exhausted: bool) -> DataCursor:
+    """The cursor every rank agrees on: the earliest shard any rank is still reading."""
+    mine = tracker.cursor_at_end_of_stream() if exhausted else tracker.cursor()
+    position = (mine.epoch, mine.shards_consumed)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, position)
+        position = min(everyone)
+    return DataCursor(seed=mine.seed, epoch=position[0], shards_consumed=position[1])
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point: ``loop_config`` holds the config, storage options, run URI."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    config = PretrainConfig.model_validate(loop_config["config"])
+    options = StorageOptions(**loop_config["storage"])
+    run_uri = loop_config["run_uri"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    is_chief = rank == 0
+
+    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+    model = HybridSSL(config.model, config.loss)
+    model = apply_parallelism(model, device, config.parallel.mixed_precision,
+                              config.parallel.activation_checkpointing)
+    model.train()
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config)
+
+    step, cursor = 0, DataCursor(seed=config.data.seed)
+    resume_uri = _broadcast(latest_complete_checkpoint(run_uri, options) if is_chief else None)
+    if resume_uri:
+        with local_copy(resume_uri, options) as local_dir:
+            state = load_checkpoint(local_dir, model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        cursor = DataCursor.from_dict(state["cursor"])
+        if is_chief:
+            _say(f"resumed from {resume_uri} at step {step} (data cursor: epoch "
+                 f"{cursor.epoch}, {cursor.shards_consumed} shards consumed; "
+                 f"{state.get('samples_in_flight', 0)} samples of shards in flight are read again)")
+    log = MetricsLog(run_uri, options, resume_step=step) if is_chief else None
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        nodes = [None] * world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    if log is not None:
+        log.append({"step": step, "event": "resumed" if resume_uri else "started",
+                    "checkpoint": resume_uri, "world_size": world, "nodes": nodes})
+
+    tracker = CursorTracker(cursor, loop_config["num_shards"])
+    per_worker = config.train.global_batch_size // world
+    shard = ray.train.get_dataset_shard("train")
+    batches = iter(shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device="cpu"))
+    threshold = config.data.augment.photometric.solarize_threshold
+    started = time.perf_counter()
+    first_step = step
+    exhausted = False
+    record: dict[str, float] = {}
+
+    def checkpoint() -> None:
+        global_cursor = _global_cursor(tracker, exhausted)
+        # The samples of shards still being read, summed over ranks: read again on resume.
+        in_flight = _average({"n": float(tracker.samples_replayed_on_resume)})["n"] * world
+        with tempfile.TemporaryDirectory(prefix="ssl-ckpt-") as tmp:
+            save_checkpoint(Path(tmp), model, optimizer, {
+                "step": step, "scheduler": scheduler.state_dict(),
+                "cursor": global_cursor.to_dict(), "samples_in_flight": int(in_flight),
+                "config": config.model_dump(mode="json"),
+            })
+            if log is not None:
+                log.sync()
+            ray.train.report({"step": step, **record},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=checkpoint_dir_name(step))
+
+    while step < config.train.steps:
+        wait_started = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            exhausted = True
+            break
+        data_wait = time.perf_counter() - wait_started
+        step_started = time.perf_counter()
+        tracker.observe(batch["epoch"].numpy(), batch["position"].numpy())
+        views = normalize_views(batch, device, threshold)
+        torch.manual_seed(step_seed(config.train.seed, step, 2 + rank))  # drop path
+        noise = global_mask_noise(config, step, rank, world)
+        record = train_step(model, optimizer, scheduler, views, config, noise)
+        step += 1
+        step_seconds = time.perf_counter() - step_started + data_wait
+        record = _average({**record, "step_seconds": step_seconds, "data_wait_seconds": data_wait})
+        record["images_per_second"] = config.train.global_batch_size / record["step_seconds"]
+        if log is not None:
+            log.append({"step": step, **record})
+            if step % config.train.log_every == 0 or step == config.train.steps:
+                seconds_per_step = (time.perf_counter() - started) / (step - first_step)
+                _say(progress_line(step, config.train.steps, record, seconds_per_step))
+        if step % config.train.checkpoint_every == 0 and step < config.train.steps:
+            checkpoint()
+    if is_chief and step < config.train.steps:
+        _say(f"the data ran out at step {step} of {config.train.steps}: raise data.epochs")
+    checkpoint()
+    if log is not None:
+        log.close()

@@ -1,0 +1,269 @@
+"""The real job on Ray Train: FSDP2 workers, checkpoints in object storage, resume, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray.cloudpickle
+import s3fs
+import torch
+
+from ssl_train.checkpoint import is_complete, load_checkpoint, local_copy
+from ssl_train.config import load_config
+from ssl_train.launcher import train
+from ssl_train.model import HybridSSL
+from ssl_train.optim import build_optimizer
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+TINY = [
+    "model.image_size=32", "model.encoder.depth=2", "model.encoder.embed_dim=96",
+    "model.encoder.num_heads=2", "model.decoder.depth=1", "model.decoder.embed_dim=64",
+    "model.decoder.num_heads=2", "model.projector.hidden_dim=128", "model.projector.out_dim=64",
+    "train.global_batch_size=8", "train.log_every=1", "data.quality.min_side=32",
+]
+
+
+def _config(tmp_path, *overrides):
+    return load_config("tiny-cpu", [*TINY, f"run.output_dir={tmp_path}", *overrides])
+
+
+def _records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+
+
+def _steps(records):
+    return [r["step"] for r in records if "event" not in r]
+
+
+def _events(records):
+    return [r for r in records if "event" in r]
+
+
+# ---------------------------------------------------------------- loss equality, 1 vs 2 workers
+
+def _first_steps(loop_config):
+    """Two optimisation steps on one fixed global batch; reports the global losses of each."""
+    import ray.train
+    import ray.train.torch
+
+    from pipelines.sample_images import random_view_batches, sample_photographs
+    from ssl_train.config import PretrainConfig
+    from ssl_train.optim import build_scheduler
+    from ssl_train.parallel import apply_parallelism
+    from ssl_train.step import normalize_views, train_step
+    from ssl_train.worker import _average, global_mask_noise
+
+    config = PretrainConfig.model_validate(loop_config["config"])
+    rank = ray.train.get_context().get_world_rank()
+    world = ray.train.get_context().get_world_size()
+    batch = next(random_view_batches(sample_photographs(), config.model.image_size,
+                                     config.train.global_batch_size, seed=5))
+    per = config.train.global_batch_size // world
+    mine = {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
+    torch.manual_seed(config.train.seed)
+    model = apply_parallelism(HybridSSL(config.model, config.loss), torch.device("cpu"))
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config)
+    losses = []
+    for step in range(2):
+        record = train_step(model, optimizer, scheduler, normalize_views(mine), config,
+                            global_mask_noise(config, step, rank, world))
+        losses.append(_average(record))
+    if rank == 0:
+        Path(loop_config["out"]).write_text(json.dumps(
+            {f"{key}_{i}": value for i, record in enumerate(losses)
+             for key, value in record.items()}))
+
+
+def _run_first_steps(config, workers):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    config.train.num_workers = workers
+    out = Path(config.run.output_dir, f"first-steps-{workers}.json")
+    trainer = TorchTrainer(
+        _first_steps,
+        train_loop_config={"config": config.model_dump(mode="json"), "out": str(out)},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers),
+        run_config=ray.train.RunConfig(name=f"equality-{workers}",
+                                       storage_path=str(config.run.output_dir)),
+    )
+    trainer.fit()
+    return json.loads(out.read_text())
+
+
+def test_one_and_two_fsdp_workers_compute_the_same_losses(tmp_path, ray_local):
+    config = _config(tmp_path, "optim.warmup_steps=0")
+    one = _run_first_steps(config, 1)
+    two = _run_first_steps(config, 2)
+    for key in ("loss_0", "loss_contrastive_0", "loss_masked_0"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+    # After one identical update the second step agrees too: gradients were the same.
+    for key in ("loss_1", "loss_contrastive_1", "loss_masked_1"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), key
+    assert two["loss_1"] != pytest.approx(one["loss_0"], rel=1e-4)  # the step changed something
+
+
+# ---------------------------------------------------------------- checkpoints on S3, resume
+
+def _s3(endpoint):
+    return s3fs.S3FileSystem(endpoint_url=endpoint, key="testing-key", secret="testing-secret",
+                             skip_instance_cache=True)
+
+
+def _adam_steps(local_dir, config) -> set[int]:
+    model = HybridSSL(config.model, config.loss)
+    optimizer = build_optimizer(model, config)
+    load_checkpoint(local_dir, model, optimizer)
+    return {int(state["step"]) for state in optimizer.state.values()}
+
+
+def test_checkpoints_in_s3_and_resume_with_two_then_one_worker(
+    tmp_path, s3_bucket, s3_env, ray_local
+):
+    runs = f"{s3_bucket}/runs"
+    first = _config(runs, "train.steps=6", "train.checkpoint_every=3", "run.name=s3run")
+    train(first, log=lambda line: None)
+    fs = _s3(s3_env)
+    run_dir = f"{s3_bucket[5:]}/runs/s3run"
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(run_dir) if "checkpoint_0" in p)
+    assert names == ["checkpoint_000000003", "checkpoint_000000006"]
+    state6 = json.loads(fs.cat_file(f"{run_dir}/checkpoint_000000006/train_state.json"))
+    assert state6["step"] == 6 and state6["world_size"] == 2
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(state6["files"])
+
+    second = _config(runs, "train.steps=9", "train.checkpoint_every=3", "run.name=s3run")
+    train(second, log=lambda line: None)
+    third = _config(runs, "train.steps=12", "train.checkpoint_every=3", "run.name=s3run",
+                    "train.num_workers=1")
+    train(third, log=lambda line: None)
+
+    fs.get(f"{run_dir}/metrics.jsonl", str(tmp_path / "metrics.jsonl"))
+    records = _records(tmp_path)
+    assert _steps(records) == list(range(1, 13))  # every step once: nothing trained twice
+    events = _events(records)
+    assert [(e["event"], e["step"], e["world_size"]) for e in events] == [
+        ("started", 0, 2), ("resumed", 6, 2), ("resumed", 9, 1)]
+    assert events[1]["checkpoint"].endswith("checkpoint_000000006")
+
+    state12 = json.loads(fs.cat_file(f"{run_dir}/checkpoint_000000012/train_state.json"))
+    assert state12["step"] == 12 and state12["world_size"] == 1
+    cursors = [json.loads(fs.cat_file(f"{run_dir}/checkpoint_{s:09d}/train_state.json"))["cursor"]
+               for s in (9, 12)]
+    assert (cursors[1]["epoch"], cursors[1]["shards_consumed"]) > (
+        cursors[0]["epoch"], cursors[0]["shards_consumed"]) > (
+        state6["cursor"]["epoch"], state6["cursor"]["shards_consumed"])
+    # The optimizer state went on from the checkpoint: AdamW has taken 12 steps, not 6 or 3.
+    with local_copy(f"s3://{run_dir}/checkpoint_000000012") as local_dir:
+        assert _adam_steps(local_dir, third) == {12}
+
+
+# ---------------------------------------------------------------- partial checkpoints
+
+def test_a_partly_written_checkpoint_is_skipped_on_resume(tmp_path, ray_local):
+    config = _config(tmp_path, "train.steps=6", "train.checkpoint_every=3", "run.name=partial")
+    run_dir = train(config, log=lambda line: None)
+    latest = Path(run_dir, "checkpoint_000000006")
+    assert is_complete(str(latest))
+    (latest / "__1_0.distcp").unlink()  # as if the upload had died half way
+    assert not is_complete(str(latest))
+    truncated = Path(run_dir, "checkpoint_000000003", "__0_0.distcp")
+    assert is_complete(str(truncated.parent))
+
+    resumed = _config(tmp_path, "train.steps=8", "train.checkpoint_every=3",
+                      "run.name=partial")
+    train(resumed, log=lambda line: None)
+    events = _events(_records(run_dir))
+    assert events[-1]["event"] == "resumed"
+    assert events[-1]["checkpoint"].endswith("checkpoint_000000003")
+    assert _steps(_records(run_dir)) == list(range(1, 9))
+
+
+def test_is_complete_rejects_truncated_and_missing_state(tmp_path, ray_local):
+    config = _config(tmp_path, "train.steps=2", "train.checkpoint_every=2", "run.name=trunc")
+    run_dir = train(config, log=lambda line: None)
+    checkpoint = Path(run_dir, "checkpoint_000000002")
+    shard = checkpoint / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    assert not is_complete(str(checkpoint))
+    assert not is_complete(str(tmp_path / "nothing-here"))
+
+
+# ---------------------------------------------------------------- a worker killed mid-run
+
+def _kill_a_worker_after(run_dir: Path, checkpoint: str, killed: list, deadline: float):
+    import psutil
+
+    while time.time() < deadline and not (run_dir / checkpoint / "train_state.json").exists():
+        time.sleep(0.2)
+    for process in psutil.process_iter(["cmdline"]):
+        if any("RayTrainWorker" in part for part in (process.info["cmdline"] or [])):
+            process.kill()
+            killed.append(process.pid)
+            return
+
+
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(tmp_path, ray_local):
+    config = _config(tmp_path, "train.steps=24", "train.checkpoint_every=4",
+                     "run.name=killed", "train.max_failures=2")
+    run_dir = Path(tmp_path, "killed")
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_worker_after, daemon=True,
+                              args=(run_dir, "checkpoint_000000008", killed, time.time() + 300))
+    killer.start()
+    train(config, log=lambda line: None)
+    killer.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    records = _records(run_dir)
+    assert _steps(records) == list(range(1, 25))
+    events = _events(records)
+    assert [e["event"] for e in events] == ["started", "resumed"]
+    assert events[1]["step"] >= 8
+    assert json.loads(Path(run_dir, "checkpoint_000000024", "train_state.json").read_text())[
+        "step"] == 24
+
+
+# ---------------------------------------------------------------- two nodes
+
+TWO_NODE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import ray
+    from ray.cluster_utils import Cluster
+    from ssl_train.config import load_config
+    from ssl_train.launcher import train
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address)
+    config = load_config("tiny-cpu", json.loads(sys.argv[1]))
+    train(config, address=cluster.address, log=lambda line: None)
+    ray.shutdown()
+    cluster.shutdown()
+""")
+
+
+def test_two_node_cluster_runs_one_worker_per_node(tmp_path):
+    overrides = [*TINY, f"run.output_dir={tmp_path}", "run.name=twonode", "train.steps=3",
+                 "train.checkpoint_every=3", "train.placement_strategy=STRICT_SPREAD",
+                 "train.cpus_per_worker=1"]
+    result = subprocess.run(
+        [sys.executable, "-c", TWO_NODE_SCRIPT, json.dumps(overrides)],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = _records(tmp_path / "twonode")
+    started = _events(records)[0]
+    assert started["world_size"] == 2 and len(set(started["nodes"])) == 2
+    assert _steps(records) == [1, 2, 3]
+    assert np.isfinite([r["loss"] for r in records if "loss" in r]).all()
