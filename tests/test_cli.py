@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ def _ssl_pretrain(*args: str) -> subprocess.CompletedProcess:
     # The console script is installed beside the interpreter that runs the tests.
     executable = Path(sys.executable).parent / "ssl-pretrain"
     assert executable.is_file(), "the ssl-pretrain console script is not installed"
-    return subprocess.run([str(executable), *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([str(executable), *args], capture_output=True, text=True, timeout=600)
 
 
 def test_help_lists_every_subcommand():
@@ -36,13 +37,21 @@ def test_unknown_subcommand_is_a_usage_error():
     assert result.returncode == 2 and "invalid choice" in result.stderr
 
 
-def test_train_runs_on_the_sample_photographs_and_writes_metrics(tmp_path):
+def test_train_runs_on_the_sample_photographs_and_writes_a_run_directory(tmp_path):
     result = _ssl_pretrain(
         "train", "--set", "train.steps=3", "--set", "train.log_every=1",
+        "--set", "train.checkpoint_every=3",
         "--set", f"run.output_dir={tmp_path}", "--set", "run.name=smoke",
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0, result.stderr[-3000:]
     assert "step 3/3" in result.stdout and "img/s" in result.stdout
-    lines = (tmp_path / "smoke" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 3
-    assert (tmp_path / "smoke" / "config.yaml").is_file()
+    assert f"run directory: {tmp_path}/smoke" in result.stdout
+    records = [json.loads(line) for line in
+               (tmp_path / "smoke" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "event" not in r] == [1, 2, 3]
+    assert (tmp_path / "smoke" / "checkpoint_000000003" / "train_state.json").is_file()
+    assert (tmp_path / "sample-shards" / "manifest.json").is_file()
+
+    again = _ssl_pretrain("train", "--set", "train.steps=3", "--set", f"run.output_dir={tmp_path}",
+                          "--set", "run.name=smoke")
+    assert again.returncode == 0 and "is complete at step 3" in again.stdout
