@@ -216,6 +216,42 @@ def _check_destination(dest: str, options: StorageOptions, overwrite: bool) -> N
         storage_call(dest, options, fs.rm, stale)
 
 
+class IngestMetrics:
+    """Ingest progress as Prometheus series on a plain prometheus_client endpoint.
+
+    Ingest's driver runs on one machine outside Ray's metrics system's reach for a short-lived
+    command, so it serves ``ssl_ingest_*`` itself when given a port.
+    """
+
+    def __init__(self, port: int | None, address: str = "127.0.0.1"):
+        self.enabled = port is not None
+        if not self.enabled:
+            return
+        from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+        self.registry = CollectorRegistry()
+        self.images = Gauge("ssl_ingest_images", "Images by stage of the ingest",
+                            ["src", "state"], registry=self.registry)
+        self.dropped = Gauge("ssl_ingest_images_dropped", "Images dropped, by reason",
+                             ["src", "reason"], registry=self.registry)
+        self.shards = Gauge("ssl_ingest_shards_written", "Shards written", ["src"],
+                            registry=self.registry)
+        self.bytes = Gauge("ssl_ingest_bytes_written", "Bytes of shards written", ["src"],
+                           registry=self.registry)
+        self.server, self.thread = start_http_server(port, addr=address, registry=self.registry)
+
+    def set(self, src: str, found: int = 0, kept: int = 0, dropped: dict | None = None,
+            shards: int = 0, written: int = 0) -> None:
+        if not self.enabled:
+            return
+        self.images.labels(src, "found").set(found)
+        self.images.labels(src, "kept").set(kept)
+        for reason, count in (dropped or {}).items():
+            self.dropped.labels(src, reason).set(count)
+        self.shards.labels(src).set(shards)
+        self.bytes.labels(src).set(written)
+
+
 def ingest(
     src: str,
     dest: str,
@@ -224,8 +260,10 @@ def ingest(
     overwrite: bool = False,
     address: str | None = None,
     log: Callable[[str], None] = print,
+    metrics: IngestMetrics | None = None,
 ) -> dict[str, Any]:
     """Run the whole ingest; returns the manifest it wrote."""
+    metrics = metrics or IngestMetrics(None)
     # The endpoint is fixed here, on the driver; credentials stay in each node's environment
     # (a Secret in Kubernetes) unless given explicitly.
     options = (options or StorageOptions()).with_environment_endpoint()
@@ -233,6 +271,7 @@ def ingest(
     paths, keys = list_images(src, options)
     _check_destination(dest, options, overwrite)
     log(f"ingest: {len(paths)} images under {options.describe(src)}")
+    metrics.set(src, found=len(paths))
 
     ray = ensure_ray(address)
     import ray.data
@@ -268,6 +307,8 @@ def ingest(
     kept = [c for i, c in enumerate(candidates) if i not in duplicates]
     log(f"ingest: keeping {len(kept)} of {len(paths)} images; dropped "
         + (", ".join(f"{len(v)} {k}" for k, v in sorted(reasons.items())) or "none"))
+    dropped_counts = {reason: len(reasons.get(reason, [])) for reason in DROP_REASONS}
+    metrics.set(src, found=len(paths), kept=len(kept), dropped=dropped_counts)
     if not kept:
         raise StorageError(f"no usable images under {options.describe(src)}: every image was dropped")
 
@@ -299,7 +340,7 @@ def ingest(
         "source": src,
         "input_images": len(paths),
         "kept_images": len(kept),
-        "dropped": {reason: len(reasons.get(reason, [])) for reason in DROP_REASONS},
+        "dropped": dropped_counts,
         "examples": {reason: sorted(keys_)[: config.examples_per_reason]
                      for reason, keys_ in sorted(reasons.items())},
         "duplicate_of": {k: duplicate_of[k] for k in sorted(duplicate_of)[:100]},
@@ -317,6 +358,8 @@ def ingest(
                  json.dumps(report, indent=2).encode())
     storage_call(dest, options, fs.pipe, f"{root}/{MANIFEST}",
                  json.dumps(manifest, indent=2).encode())
+    metrics.set(src, found=len(paths), kept=len(kept), dropped=dropped_counts,
+                shards=len(shards), written=manifest["total_bytes"])
     log(f"ingest: wrote {len(shards)} shards ({manifest['total_samples']} images, "
         f"{manifest['total_bytes'] / 1e6:.1f} MB) to {options.describe(dest)} "
         f"in {time.time() - started:.1f} s")

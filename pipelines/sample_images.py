@@ -1,4 +1,5 @@
-"""The embedded default data: the photographs that ship inside scikit-image.
+"""The embedded default data: the photographs that ship inside scikit-image, and the labelled
+digits that ship inside scikit-learn (for monitoring and evaluation).
 
 Lets a new user (and the tests) train on real images with no download and no object storage.
 Views are cut by the data stage's own ``make_views``, so the embedded run sees the same
@@ -66,3 +67,20 @@ def random_view_batches(
         picks = rng.integers(0, len(encoded), batch_size)
         rows = [make_views(encoded[i], rng, image_size, augment, quality) for i in picks]
         yield {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+def digits_images(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 labelled 8x8 digits as uint8 RGB (N, size, size, 3), and labels."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise RuntimeError(
+            "the digits need scikit-learn: pip install 'ray-ssl-pretrain[demo]'"
+        ) from err
+    digits = load_digits()
+    images = []
+    for pixels in digits.images:  # values 0..16
+        grey = Image.fromarray((pixels * (255 / 16)).astype(np.uint8), mode="L")
+        images.append(np.asarray(grey.resize((image_size, image_size), Image.BILINEAR)
+                                 .convert("RGB"), dtype=np.uint8))
+    return np.stack(images), digits.target.astype(np.int64)

@@ -49,13 +49,17 @@ class DataConfig(StrictSection):
 
 
 class _Counters:
-    """Totals of the whole data stage, fed by every reader and view worker."""
+    """Totals of the whole data stage, fed by every reader and view worker; also exported."""
 
-    def __init__(self):
+    def __init__(self, run: str):
+        from pipelines.telemetry import DataTelemetry
+
         self.totals: Counter = Counter()
+        self.telemetry = DataTelemetry(run)
 
     def add(self, delta: dict[str, int]) -> None:
         self.totals.update(delta)
+        self.telemetry.record(delta)
 
     def snapshot(self) -> dict[str, int]:
         return dict(self.totals)
@@ -158,14 +162,15 @@ class DataStage:
     """One run's data stage: the shard list, the Ray Data dataset and its counters."""
 
     def __init__(self, config: DataConfig, image_size: int, options: StorageOptions | None = None,
-                 cursor: DataCursor | None = None, address: str | None = None):
+                 cursor: DataCursor | None = None, address: str | None = None,
+                 run_name: str = "adhoc"):
         self.config = config
         self.image_size = image_size
         self.options = (options or StorageOptions()).with_environment_endpoint()
         self.shards = list_shards(config.source, self.options)
         self.start = cursor or DataCursor(seed=config.seed)
         self.ray = ensure_ray(address)
-        self._counters = self.ray.remote(num_cpus=0)(_Counters).remote()
+        self._counters = self.ray.remote(num_cpus=0)(_Counters).remote(run_name)
 
     def dataset(self):
         """The streaming dataset from the cursor to the end of the configured epochs."""

@@ -92,7 +92,7 @@ def _without_none(options: dict) -> dict:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from pipelines.ingest import IngestConfig, ingest
+    from pipelines.ingest import IngestConfig, IngestMetrics, ingest
     from ssl_train.config import validate_section
 
     options = {
@@ -105,8 +105,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         },
     }
     config = validate_section(IngestConfig, _without_none(options), "ingest option")
+    metrics = IngestMetrics(args.metrics_port, args.metrics_address)
     ingest(args.src, args.dest, config, _storage_options(args), overwrite=args.overwrite,
-           address=args.address)
+           address=args.address, metrics=metrics)
     return 0
 
 
@@ -153,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="perceptual-hash bits within which images are near duplicates")
     ingest.add_argument("--overwrite", action="store_true", help="replace shards already in DEST")
     ingest.add_argument("--address", help="Ray cluster address (default: start a local one)")
+    ingest.add_argument("--metrics-port", type=int,
+                        help="serve ssl_ingest_* Prometheus metrics on this port while it runs")
+    ingest.add_argument("--metrics-address", default="127.0.0.1",
+                        help="address the metrics endpoint binds to (default 127.0.0.1)")
     _add_storage_arguments(ingest)
     ingest.set_defaults(handler=cmd_ingest)
 

@@ -160,6 +160,19 @@ class RunConfig(StrictSection):
     output_dir: Annotated[str, Field(min_length=1)] = "runs"
 
 
+class TelemetryConfig(StrictSection):
+    """Metrics export and the representation-health monitor."""
+
+    # Ray's metrics port on a local cluster (a cluster's nodes use theirs, e.g. KubeRay's
+    # `metrics` port). The endpoint exposes metric values and run names, nothing else.
+    metrics_port: Annotated[int, Field(ge=1024, le=65535)] | None = 8090
+    # Every this many steps, embeddings of a held batch feed std, rank, alignment, uniformity.
+    health_every: PositiveInt = 10
+    # A labelled monitor set for a kNN accuracy of frozen features at the same cadence:
+    # scikit-learn's digits (half as reference, half as queries), or none.
+    knn_monitor: Literal["none", "digits"] = "none"
+
+
 class PretrainConfig(StrictSection):
     """The whole job: one section per concern."""
 
@@ -170,6 +183,7 @@ class PretrainConfig(StrictSection):
     train: TrainConfig = TrainConfig()
     parallel: ParallelConfig = ParallelConfig()
     data: DataConfig = DataConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
 
     @model_validator(mode="after")
     def _batch_splits_into_micro_batches(self) -> "PretrainConfig":

@@ -91,7 +91,7 @@ def train(config: PretrainConfig, address: str | None = None,
             log(f"run {config.run.name} is complete at step {done} ({resume}); raise "
                 "train.steps to train further")
             return run_uri
-    ensure_ray(address, num_cpus=local_cpus(config))
+    ensure_ray(address, num_cpus=local_cpus(config), metrics_port=config.telemetry.metrics_port)
     if not config.data.source.url:
         url = ensure_sample_shards(config, options, log)
         config = config.model_copy(deep=True)
@@ -120,7 +120,8 @@ def train(config: PretrainConfig, address: str | None = None,
         latest = latest_complete_checkpoint(run_uri, options)
         cursor = (DataCursor.from_dict(read_train_state(latest, options)["cursor"]) if latest
                   else DataCursor(seed=config.data.seed))
-        return DataStage(config.data, image_size, options, cursor=cursor).dataset()
+        return DataStage(config.data, image_size, options, cursor=cursor,
+                         run_name=config.run.name).dataset()
 
     storage_path, storage_fs = _storage_filesystem(config.run.output_dir, options)
     loop_config: dict[str, Any] = {

@@ -101,6 +101,11 @@ class HybridSSL(nn.Module):
         tokens = self.encoder.forward_features(images_bchw)
         return self.encoder.forward_head(tokens, pre_logits=True)
 
+    def embed(self, images_bchw: torch.Tensor) -> torch.Tensor:
+        """What the collapse monitor watches: projections, or pooled features without a head."""
+        features = self.encode(images_bchw)
+        return self.projector(features) if self.projector is not None else features
+
     def forward_contrastive(
         self, view_a: torch.Tensor, view_b: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

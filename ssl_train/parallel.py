@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from ssl_train.model import HybridSSL
 
@@ -42,4 +42,7 @@ def apply_parallelism(
     for block in model.transformer_blocks():
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    # Methods called instead of forward (the health monitor, evaluation) need FSDP's hooks too.
+    for method in ("embed", "encode"):
+        register_fsdp_forward_method(model, method)
     return model

@@ -10,6 +10,7 @@ random stream without saving generator states.
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
@@ -30,12 +31,21 @@ from ssl_train.checkpoint import (
     save_checkpoint,
 )
 from ssl_train.config import PretrainConfig
+from ssl_train.health import (
+    alignment,
+    effective_rank,
+    embedding_std,
+    healthy_embedding_std,
+    knn_accuracy,
+    uniformity,
+)
 from ssl_train.metrics_log import MetricsLog
 from ssl_train.model import HybridSSL
 from ssl_train.optim import build_optimizer, build_scheduler
 from ssl_train.parallel import apply_parallelism
 from ssl_train.runner import progress_line
 from ssl_train.step import normalize_views, train_step
+from ssl_train.telemetry import TrainingTelemetry
 
 
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
@@ -91,6 +101,61 @@ def _global_cursor(tracker: CursorTracker, exhausted: bool) -> DataCursor:
     return DataCursor(seed=mine.seed, epoch=position[0], shards_consumed=position[1])
 
 
+def _gather_rows(x: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def representation_health(model, held: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Collapse signals on the held batch (collective: every rank calls; all get the values)."""
+    model.eval()
+    try:
+        features_a, features_b = model.embed(held["view_a"]), model.embed(held["view_b"])
+    finally:
+        model.train()
+    z_a, z_b = _gather_rows(features_a.float()), _gather_rows(features_b.float())
+    return {"embedding_std": embedding_std(z_a),
+            "embedding_std_healthy": healthy_embedding_std(z_a.shape[1]),
+            "effective_rank": effective_rank(z_a),
+            "alignment": alignment(z_a, z_b), "uniformity": uniformity(z_a)}
+
+
+class DigitsMonitor:
+    """kNN accuracy of frozen encoder features on scikit-learn's digits (even rows: reference)."""
+
+    def __init__(self, image_size: int, device: torch.device, rank: int, world: int):
+        from pipelines.sample_images import digits_images
+
+        images, labels = digits_images(image_size)
+        per_rank = -(-len(images) // world)  # ceil: the last rank may get fewer
+        self.count = len(images)
+        self.mine = normalize_views({"view_a": images[rank * per_rank:(rank + 1) * per_rank]},
+                                    device)["view_a"]
+        self.per_rank = per_rank
+        self.labels = torch.from_numpy(labels)
+
+    @torch.no_grad()
+    def accuracy(self, model) -> float:
+        """Collective: every rank encodes its slice; all get the accuracy."""
+        model.eval()
+        try:
+            features = model.encode(self.mine) if len(self.mine) else None
+        finally:
+            model.train()
+        dim = model.model_config.encoder.embed_dim
+        padded = torch.zeros(self.per_rank, dim)
+        if features is not None:
+            padded[:len(features)] = features.float().cpu()
+        everything = _gather_rows(padded)[:self.count]
+        train, test = slice(0, None, 2), slice(1, None, 2)
+        return knn_accuracy(everything[train], self.labels[train], everything[test],
+                            self.labels[test])
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: ``loop_config`` holds the config, storage options, run URI."""
     import ray
@@ -126,6 +191,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                  f"{cursor.epoch}, {cursor.shards_consumed} shards consumed; "
                  f"{state.get('samples_in_flight', 0)} samples of shards in flight are read again)")
     log = MetricsLog(run_uri, options, resume_step=step) if is_chief else None
+    telemetry = TrainingTelemetry(config.run.name, rank, ray.get_runtime_context().get_node_id())
+    if resume_uri:
+        telemetry.record_restart()
     nodes = [ray.get_runtime_context().get_node_id()]
     if world > 1:
         nodes = [None] * world
@@ -144,7 +212,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     exhausted = False
     record: dict[str, float] = {}
 
+    held: dict[str, torch.Tensor] | None = None
+    digits = (DigitsMonitor(config.model.image_size, device, rank, world)
+              if config.telemetry.knn_monitor == "digits" else None)
+
     def checkpoint() -> None:
+        save_started = time.perf_counter()
         global_cursor = _global_cursor(tracker, exhausted)
         # The samples of shards still being read, summed over ranks: read again on resume.
         in_flight = _average({"n": float(tracker.samples_replayed_on_resume)})["n"] * world
@@ -156,6 +229,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             })
             if log is not None:
                 log.sync()
+            state = json.loads((Path(tmp) / "train_state.json").read_text()) if is_chief else {}
+            size = sum(f["bytes"] for f in state.get("files", {}).values())
+            telemetry.record_checkpoint(time.perf_counter() - save_started, size)
             ray.train.report({"step": step, **record},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=checkpoint_dir_name(step))
@@ -170,6 +246,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         step_started = time.perf_counter()
         tracker.observe(batch["epoch"].numpy(), batch["position"].numpy())
         views = normalize_views(batch, device, threshold)
+        if held is None:  # the monitor's held batch: this worker's first batch, kept
+            held = {key: value[:64] for key, value in views.items()}
         torch.manual_seed(step_seed(config.train.seed, step, 2 + rank))  # drop path
         noise = global_mask_noise(config, step, rank, world)
         record = train_step(model, optimizer, scheduler, views, config, noise)
@@ -177,6 +255,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         step_seconds = time.perf_counter() - step_started + data_wait
         record = _average({**record, "step_seconds": step_seconds, "data_wait_seconds": data_wait})
         record["images_per_second"] = config.train.global_batch_size / record["step_seconds"]
+        if step % config.telemetry.health_every == 0:
+            health = representation_health(model, held)
+            if digits is not None:
+                health["knn_accuracy"] = digits.accuracy(model)
+            record.update({f"held_{key}": value for key, value in health.items()})
+            telemetry.record_health(health)
+        telemetry.record_step(step, record)
         if log is not None:
             log.append({"step": step, **record})
             if step % config.train.log_every == 0 or step == config.train.steps:

@@ -75,16 +75,37 @@ def s3_bucket(s3_env, request):
     return f"s3://{name}"
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# A model small enough for multi-worker runs in tests, on the tiny-cpu config.
+TINY_OVERRIDES = [
+    "model.image_size=32", "model.encoder.depth=2", "model.encoder.embed_dim=96",
+    "model.encoder.num_heads=2", "model.decoder.depth=1", "model.decoder.embed_dim=64",
+    "model.decoder.num_heads=2", "model.projector.hidden_dim=128", "model.projector.out_dim=64",
+    "train.global_batch_size=8", "train.log_every=1", "data.quality.min_side=32",
+]
+
+RAY_METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray instance shared by the tests that need one.
 
     4 logical CPUs on this 2-core machine: 2 training workers and the data stage's actors.
+    Its metrics endpoint is on RAY_METRICS_PORT, refreshed every second.
     """
     import ray
 
     # Ray's workers have the environment of their node, as pods have their Secret's variables.
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
+    ray.init(num_cpus=4, _metrics_export_port=RAY_METRICS_PORT,
+             _system_config={"metrics_report_interval_ms": 1000}, include_dashboard=False, logging_level="WARNING",
              runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true", **S3_CREDENTIALS}})
     yield ray
     ray.shutdown()

@@ -82,6 +82,30 @@ def test_ingest_by_bytes_and_reencoding(tmp_path, ray_local):
                 assert max(Image.open(io.BytesIO(data)).size) <= 256
 
 
+def test_ingest_serves_its_counts_on_a_prometheus_endpoint(tmp_path, ray_local):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pipelines.ingest import IngestMetrics
+    from tests.conftest import free_port
+
+    port = free_port()
+    src = write_tree(tmp_path / "raw", raw_image_files())
+    manifest = ingest(str(src), str(tmp_path / "out"), IngestConfig(samples_per_shard=8),
+                      log=lambda line: None, metrics=IngestMetrics(port))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = {(s.name, s.labels.get("state") or s.labels.get("reason")): s.value
+              for family in text_string_to_metric_families(text) for s in family.samples
+              if s.name.startswith("ssl_ingest")}
+    assert values[("ssl_ingest_images", "found")] == len(PHOTOGRAPHS) + len(PLANTED)
+    assert values[("ssl_ingest_images", "kept")] == manifest["total_samples"]
+    for reason, count in Counter(PLANTED.values()).items():
+        assert values[("ssl_ingest_images_dropped", reason)] == count
+    assert values[("ssl_ingest_shards_written", None)] == len(manifest["shards"]) == 3
+    assert values[("ssl_ingest_bytes_written", None)] == manifest["total_bytes"]
+
+
 def test_ingest_refuses_existing_shards_unless_overwrite(tmp_path, ray_local):
     src = write_tree(tmp_path / "raw", raw_image_files())
     dest = tmp_path / "out"

@@ -22,15 +22,11 @@ from ssl_train.config import load_config
 from ssl_train.launcher import train
 from ssl_train.model import HybridSSL
 from ssl_train.optim import build_optimizer
+from tests.conftest import TINY_OVERRIDES
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-TINY = [
-    "model.image_size=32", "model.encoder.depth=2", "model.encoder.embed_dim=96",
-    "model.encoder.num_heads=2", "model.decoder.depth=1", "model.decoder.embed_dim=64",
-    "model.decoder.num_heads=2", "model.projector.hidden_dim=128", "model.projector.out_dim=64",
-    "train.global_batch_size=8", "train.log_every=1", "data.quality.min_side=32",
-]
+TINY = TINY_OVERRIDES
 
 
 def _config(tmp_path, *overrides):
