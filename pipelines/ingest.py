@@ -40,9 +40,9 @@ from pipelines.quality import (
 )
 from pipelines.settings import StrictSection
 from pipelines.shards import shard_name, write_shard
+from pipelines.sources import RAW_IMAGE_SUFFIXES
 from pipelines.storage import StorageError, StorageOptions, open_filesystem, storage_call
 
-RAW_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".gif", ".bmp")
 MANIFEST = "manifest.json"
 QUALITY_REPORT = "quality_report.json"
 
