@@ -121,12 +121,12 @@ def test_a_two_worker_run_exports_every_metric_family(tmp_path, ray_local):
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        train(config, log=lambda line: None)
-        time.sleep(3)  # one more export interval after the last step
-    finally:
-        done.set()
-        watcher.join(timeout=10)
-    try:
+        try:
+            train(config, log=lambda line: None)
+            time.sleep(3)  # one more export interval after the last step
+        finally:
+            done.set()
+            watcher.join(timeout=10)
         final = scrape()
         steps = [_value(s, "ssl_step", run="telemetry", rank="0") for s in scrapes]
         steps = [v for v in steps if v is not None]
