@@ -25,6 +25,7 @@ from pipelines.augment import AugmentConfig, make_views
 from pipelines.cluster import ensure_ray
 from pipelines.cursor import CursorTracker, DataCursor, shard_schedule
 from pipelines.decode import Rejected
+from pipelines.photometric import PHOTOMETRIC_FIELDS
 from pipelines.quality import QualityConfig
 from pipelines.settings import StrictSection
 from pipelines.shards import ReadStats, ShardError
@@ -144,7 +145,7 @@ class _ViewMaker:
             if rows:
                 out[name] = np.stack([row[name] for row in rows])
             elif name.endswith("photometric"):
-                out[name] = np.zeros((0, 7), dtype=np.float32)
+                out[name] = np.zeros((0, len(PHOTOMETRIC_FIELDS)), dtype=np.float32)
             else:
                 out[name] = np.zeros((0, size, size, 3), dtype=np.uint8)
         out["epoch"] = np.array(epochs, dtype=np.int64)

@@ -27,6 +27,12 @@ class ConfigError(ValueError):
     """A configuration a user wrote cannot be used; the message says which key and why."""
 
 
+def _check_heads_divide_width(embed_dim: int, num_heads: int) -> None:
+    """Attention splits the width evenly over the heads."""
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim ({embed_dim}) must be a multiple of num_heads ({num_heads})")
+
+
 class EncoderConfig(StrictSection):
     """The shared timm VisionTransformer."""
 
@@ -41,10 +47,7 @@ class EncoderConfig(StrictSection):
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "EncoderConfig":
-        if self.embed_dim % self.num_heads:
-            raise ValueError(
-                f"embed_dim ({self.embed_dim}) must be a multiple of num_heads ({self.num_heads})"
-            )
+        _check_heads_divide_width(self.embed_dim, self.num_heads)
         return self
 
 
@@ -65,10 +68,7 @@ class DecoderConfig(StrictSection):
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "DecoderConfig":
-        if self.embed_dim % self.num_heads:
-            raise ValueError(
-                f"embed_dim ({self.embed_dim}) must be a multiple of num_heads ({self.num_heads})"
-            )
+        _check_heads_divide_width(self.embed_dim, self.num_heads)
         return self
 
 
