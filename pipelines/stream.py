@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 import numpy as np
@@ -74,7 +74,10 @@ def _add(counters, delta: dict[str, int]) -> None:
 
 
 def _read_shards(batch: dict[str, np.ndarray], source: SourceConfig, options: StorageOptions,
-                 counters) -> Iterator[dict[str, Any]]:
+                 counters, process_hook: Callable[[], None] | None = None
+                 ) -> Iterator[dict[str, Any]]:
+    if process_hook is not None:
+        process_hook()
     for shard_json, epoch, position in zip(batch["shard"], batch["epoch"], batch["position"]):
         shard = ShardRef.from_json(str(shard_json))
         stats = ReadStats()
@@ -113,7 +116,9 @@ class _ViewMaker:
     """An actor of the decode/augment pool: bytes in, views out, drops counted by reason."""
 
     def __init__(self, image_size: int, augment: AugmentConfig, quality: QualityConfig,
-                 seed: int, counters):
+                 seed: int, counters, process_hook: Callable[[], None] | None = None):
+        if process_hook is not None:
+            process_hook()
         self.image_size = image_size
         self.augment = augment
         self.quality = quality
@@ -164,8 +169,10 @@ class DataStage:
 
     def __init__(self, config: DataConfig, image_size: int, options: StorageOptions | None = None,
                  cursor: DataCursor | None = None, address: str | None = None,
-                 run_name: str = "adhoc"):
+                 run_name: str = "adhoc", process_hook: Callable[[], None] | None = None):
         self.config = config
+        # Called once in every process of the stage (the run's energy meter counts them).
+        self.process_hook = process_hook
         self.image_size = image_size
         self.options = (options or StorageOptions()).with_environment_endpoint()
         self.shards = list_shards(config.source, self.options)
@@ -188,7 +195,7 @@ class DataStage:
         ds = ds.map_batches(
             _read_shards, batch_size=1, num_cpus=1,
             fn_kwargs={"source": self.config.source, "options": self.options,
-                       "counters": self._counters},
+                       "counters": self._counters, "process_hook": self.process_hook},
         )
         ds = ds.map_batches(
             _ViewMaker,
@@ -198,7 +205,7 @@ class DataStage:
             fn_constructor_kwargs={
                 "image_size": self.image_size, "augment": self.config.augment,
                 "quality": self.config.quality, "seed": self.config.seed,
-                "counters": self._counters,
+                "counters": self._counters, "process_hook": self.process_hook,
             },
         )
         ds.context.execution_options.preserve_order = True

@@ -122,8 +122,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_energy_report(args: argparse.Namespace) -> int:
-    _not_yet("energy-report")
-    return 1
+    from ssl_train.energy.report import write_report
+
+    write_report(args.run_dir, _storage_options(args).with_environment_endpoint(), out=args.out)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     energy = commands.add_parser(
         "energy-report", help="energy and carbon report of a run from its ledger"
     )
-    energy.add_argument("run_dir", help="run directory")
+    energy.add_argument("run_dir", help="run directory (local path or fsspec URL)")
+    energy.add_argument("--out", help="write the report here instead of into RUN_DIR")
+    _add_storage_arguments(energy)
     energy.set_defaults(handler=cmd_energy_report)
     return parser
 

@@ -173,6 +173,69 @@ class TelemetryConfig(StrictSection):
     knn_monitor: Literal["none", "digits"] = "none"
 
 
+class GridIntensityConfig(StrictSection):
+    """A grid carbon intensity stated by the user, with where it comes from."""
+
+    g_per_kwh: NonNegativeFloat
+    source: Annotated[str, Field(min_length=1)]
+    year: Annotated[int, Field(ge=1990, le=2100)] | None = None
+
+
+class PueConfig(StrictSection):
+    """The facility's power usage effectiveness (total facility energy / IT energy)."""
+
+    value: Annotated[float, Field(ge=1.0, le=5.0)] = 1.0
+    source: Annotated[str, Field(min_length=1)] = (
+        "assumed: 1.0 counts no facility overhead; set energy.pue for your data centre")
+    year: Annotated[int, Field(ge=1990, le=2100)] | None = None
+
+
+class EnergyConfig(StrictSection):
+    """Energy metering, attribution and carbon (see docs/energy.md)."""
+
+    enabled: bool = True
+    # A region of the default table (world, an ISO 3166 alpha-3 country such as FRA,
+    # gcp:europe-west1, aws:eu-west-1, azure:westeurope), or grid_intensity with its source.
+    region: str | None = None
+    grid_intensity: GridIntensityConfig | None = None
+    pue: PueConfig = PueConfig()
+    interval_seconds: Annotated[float, Field(ge=0.05, le=300)] = 1.0
+    # Ledgers in object storage are uploaded whole this often (local ones are appended to).
+    upload_every_seconds: Annotated[float, Field(ge=1)] = 60.0
+    # After this many steps the run's total energy and CO2e are projected and printed.
+    projection_after_steps: PositiveInt = 20
+    # Where RAPL counters are (a container may see the host's under another path).
+    powercap_root: Annotated[str, Field(min_length=1)] = "/sys/class/powercap"
+    # Per package, for the CPU estimate when RAPL is unreadable (default: CodeCarbon's table).
+    cpu_tdp_watts: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _known_region(self) -> "EnergyConfig":
+        if self.region is not None:
+            from ssl_train.energy.carbon import grid_intensity_of
+
+            try:
+                grid_intensity_of(self.region)
+            except KeyError:
+                raise ValueError(
+                    f"energy.region {self.region!r} is not in the default table (world, an ISO "
+                    "3166 alpha-3 country such as FRA, gcp:europe-west1, aws:eu-west-1, "
+                    "azure:westeurope): give energy.grid_intensity {g_per_kwh, source, year} "
+                    "instead"
+                ) from None
+        if self.region is not None and self.grid_intensity is not None:
+            raise ValueError("energy.region and energy.grid_intensity are alternatives: set one")
+        return self
+
+    def grid(self) -> dict:
+        """{g_per_kwh, source, year, region} of the configured intensity."""
+        from ssl_train.energy.carbon import grid_intensity_of
+
+        if self.grid_intensity is not None:
+            return {**self.grid_intensity.model_dump(), "region": None}
+        return grid_intensity_of(self.region)
+
+
 class PretrainConfig(StrictSection):
     """The whole job: one section per concern."""
 
@@ -184,9 +247,16 @@ class PretrainConfig(StrictSection):
     parallel: ParallelConfig = ParallelConfig()
     data: DataConfig = DataConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    energy: EnergyConfig = EnergyConfig()
 
     @model_validator(mode="after")
     def _batch_splits_into_micro_batches(self) -> "PretrainConfig":
+        if self.energy.enabled and self.energy.region is None and self.energy.grid_intensity is None:
+            raise ValueError(
+                "energy.grid_intensity is missing: set energy.region (e.g. world, FRA, "
+                "gcp:europe-west1, aws:eu-west-1) or energy.grid_intensity {g_per_kwh, source, "
+                "year}, or energy.enabled=false"
+            )
         if self.train.global_batch_size % self.optim.accumulation_steps:
             raise ValueError(
                 f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
@@ -258,7 +328,7 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         return f"unknown key {key}"
     message = error["msg"].removeprefix("Value error, ")
-    if message.startswith(f"{key}.") or message.startswith(("train.", "optim.", "the ")):
+    if message.startswith(f"{key}.") or message.startswith(("train.", "optim.", "energy.", "the ")):
         return message  # a cross-field check that names its keys itself
     if "input" in error and error["type"] not in ("missing",) and not isinstance(
         error["input"], dict

@@ -9,6 +9,8 @@ run's latest complete checkpoint, so consumed shards are not read again after a 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -79,6 +81,26 @@ def _storage_filesystem(run_root: str, options: StorageOptions):
     return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
+def energy_settings(config: PretrainConfig, run_uri: str, options: StorageOptions):
+    """What every node's energy meter needs, or None when metering is off."""
+    from ssl_train.energy.node import EnergySettings
+
+    energy = config.energy
+    if not energy.enabled:
+        return None
+    return EnergySettings(
+        run=config.run.name, run_uri=run_uri, storage=_storage_dict(options), grid=energy.grid(),
+        pue=energy.pue.model_dump(), interval_seconds=energy.interval_seconds,
+        upload_every_seconds=energy.upload_every_seconds, powercap_root=energy.powercap_root,
+        cpu_tdp_watts=energy.cpu_tdp_watts, images_per_step=config.train.global_batch_size,
+    )
+
+
+def _storage_dict(options: StorageOptions) -> dict:
+    return {"endpoint_url": options.endpoint_url, "key": options.key, "secret": options.secret,
+            "anon": options.anon}
+
+
 def train(config: PretrainConfig, address: str | None = None,
           options: StorageOptions | None = None, log: Callable[[str], None] = print) -> str:
     """Run (or resume) the configured pretraining; returns the run directory."""
@@ -114,6 +136,13 @@ def train(config: PretrainConfig, address: str | None = None,
 
     image_size = config.model.image_size
 
+    energy = energy_settings(config, run_uri, options)
+    hook = None
+    if energy is not None:
+        from ssl_train.energy.node import register_process
+
+        hook = functools.partial(register_process, energy, "data")
+
     def dataset_factory():
         from pipelines.stream import DataStage
 
@@ -121,13 +150,13 @@ def train(config: PretrainConfig, address: str | None = None,
         cursor = (DataCursor.from_dict(read_train_state(latest, options)["cursor"]) if latest
                   else DataCursor(seed=config.data.seed))
         return DataStage(config.data, image_size, options, cursor=cursor,
-                         run_name=config.run.name).dataset()
+                         run_name=config.run.name, process_hook=hook).dataset()
 
     storage_path, storage_fs = _storage_filesystem(config.run.output_dir, options)
     loop_config: dict[str, Any] = {
         "config": config.model_dump(mode="json"),
-        "storage": {"endpoint_url": options.endpoint_url, "key": options.key,
-                    "secret": options.secret, "anon": options.anon},
+        "storage": _storage_dict(options),
+        "energy": dataclasses.asdict(energy) if energy else None,
         "run_uri": run_uri,
         "num_shards": len(shards),
     }
@@ -149,6 +178,20 @@ def train(config: PretrainConfig, address: str | None = None,
         dataset_config=ray.train.DataConfig(
             execution_options=ExecutionOptions(preserve_order=True)),
     )
-    trainer.fit()
-    log(f"run directory: {run_uri} (checkpoints, metrics.jsonl)")
+    try:
+        if energy is not None:
+            from ssl_train.energy.node import start_node_meters
+
+            meters = start_node_meters(energy)  # noqa: F841 (the handles keep them alive)
+        trainer.fit()
+    finally:
+        if energy is not None:
+            from ssl_train.energy.node import stop_node_meters
+
+            stop_node_meters(config.run.name)
+    if energy is not None:
+        from ssl_train.energy.report import write_report
+
+        write_report(run_uri, options, log=log)
+    log(f"run directory: {run_uri} (checkpoints, metrics.jsonl, energy ledger and report)")
     return run_uri

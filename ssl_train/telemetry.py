@@ -45,15 +45,27 @@ TRAINING_GAUGES = {
     "ssl_alignment": ("Alignment of the two views' embeddings (lower: closer)", ()),
     "ssl_uniformity": ("Uniformity of the embeddings (lower: more uniform)", ()),
     "ssl_knn_accuracy": ("kNN top-1 accuracy of frozen features on the monitor set", ()),
+    "ssl_energy_projected_joules": ("The configured run's energy, projected from its first steps",
+                                    ()),
+    "ssl_co2e_projected_grams": ("The configured run's operational CO2e, projected", ()),
 }
 TRAINING_COUNTERS = {
     "ssl_restarts": ("Times the worker group (re)started from a checkpoint", ()),
 }
 
 
+# Counted by each node's energy meter (ssl_train.energy.node).
+ENERGY_COUNTERS = {
+    "ssl_energy_joules": ("Energy by stage, node, device, component and source",
+                          ("stage", "node", "device", "component", "source")),
+    "ssl_co2e_grams": ("Operational CO2e (PUE and grid intensity applied) by stage", ("stage",)),
+}
+
+
 def exported_names() -> set[str]:
     """Every series name as stored by Prometheus (counters get ``_total``)."""
-    return set(TRAINING_GAUGES) | {f"{name}_total" for name in (*TRAINING_COUNTERS, *DATA_COUNTERS)}
+    counters = (*TRAINING_COUNTERS, *DATA_COUNTERS, *ENERGY_COUNTERS)
+    return set(TRAINING_GAUGES) | {f"{name}_total" for name in counters}
 
 
 def peak_memory() -> tuple[str, float]:
@@ -107,6 +119,10 @@ class TrainingTelemetry:
     def record_checkpoint(self, seconds: float, size_bytes: int) -> None:
         self._set("ssl_checkpoint_save_seconds", seconds)
         self._set("ssl_checkpoint_bytes", size_bytes)
+
+    def record_projection(self, estimate: Mapping[str, float]) -> None:
+        self._set("ssl_energy_projected_joules", estimate["projected_joules"])
+        self._set("ssl_co2e_projected_grams", estimate["projected_co2e_grams"])
 
     def record_restart(self) -> None:
         self.counters["ssl_restarts"].inc(1.0, tags=self.tags)

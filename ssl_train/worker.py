@@ -31,6 +31,7 @@ from ssl_train.checkpoint import (
     save_checkpoint,
 )
 from ssl_train.config import PretrainConfig
+from ssl_train.energy.node import EnergySettings, register_process, run_total_joules
 from ssl_train.health import (
     alignment,
     effective_rank,
@@ -156,6 +157,33 @@ class DigitsMonitor:
                             self.labels[test])
 
 
+class EnergyProjection:
+    """The whole configured run's energy and CO2e, extrapolated from its first N steps here."""
+
+    def __init__(self, energy: EnergySettings, config: PretrainConfig, first_step: int):
+        self.energy = energy
+        self.config = config
+        self.first_step = first_step
+        self.baseline = run_total_joules(energy.run)
+
+    def due(self, step: int) -> bool:
+        return step - self.first_step == self.config.energy.projection_after_steps
+
+    def estimate(self, step: int) -> dict[str, Any]:
+        per_step = (run_total_joules(self.energy.run) - self.baseline) / (step - self.first_step)
+        projected = per_step * self.config.train.steps
+        return {"step": step, "event": "energy_projection", "joules_per_step": per_step,
+                "steps": self.config.train.steps, "projected_joules": projected,
+                "projected_co2e_grams": self.energy.co2e(projected)}
+
+    def describe(self, estimate: dict[str, Any]) -> str:
+        return (f"energy: {estimate['joules_per_step']:.1f} J per step over steps "
+                f"{self.first_step + 1}-{estimate['step']}; projected for {estimate['steps']} "
+                f"steps: {estimate['projected_joules'] / 3.6e3:.2f} Wh, "
+                f"{estimate['projected_co2e_grams']:.2f} gCO2e at "
+                f"{self.energy.grid['g_per_kwh']:g} g/kWh and PUE {self.energy.pue['value']:g}")
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point: ``loop_config`` holds the config, storage options, run URI."""
     import ray
@@ -201,6 +229,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if log is not None:
         log.append({"step": step, "event": "resumed" if resume_uri else "started",
                     "checkpoint": resume_uri, "world_size": world, "nodes": nodes})
+
+    energy = EnergySettings(**loop_config["energy"]) if loop_config.get("energy") else None
+    if energy is not None:
+        gpus = ([str(torch.cuda.get_device_properties(device).uuid)] if device.type == "cuda"
+                else [])
+        register_process(energy, "train", gpus)
+    projection = EnergyProjection(energy, config, step) if energy and is_chief else None
 
     tracker = CursorTracker(cursor, loop_config["num_shards"])
     per_worker = config.train.global_batch_size // world
@@ -264,6 +299,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         telemetry.record_step(step, record)
         if log is not None:
             log.append({"step": step, **record})
+            if projection is not None and projection.due(step):
+                estimate = projection.estimate(step)
+                log.append(estimate)
+                telemetry.record_projection(estimate)
+                _say(projection.describe(estimate))
             if step % config.train.log_every == 0 or step == config.train.steps:
                 seconds_per_step = (time.perf_counter() - started) / (step - first_step)
                 _say(progress_line(step, config.train.steps, record, seconds_per_step))

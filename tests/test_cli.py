@@ -51,6 +51,12 @@ def test_train_runs_on_the_sample_photographs_and_writes_a_run_directory(tmp_pat
     assert [r["step"] for r in records if "event" not in r] == [1, 2, 3]
     assert (tmp_path / "smoke" / "checkpoint_000000003" / "train_state.json").is_file()
     assert (tmp_path / "sample-shards" / "manifest.json").is_file()
+    # The run ends with its energy report: complete, every figure from the ledger.
+    report = json.loads((tmp_path / "smoke" / "energy_report.json").read_text())
+    assert report["complete"] and report["steps"] == 3 and report["images"] == 3 * 32
+    assert report["energy_joules"]["total_it"] > 0
+    assert report["energy_joules"]["by_stage"]["train"] > 0
+    assert "energy of run smoke" in result.stdout
 
     again = _ssl_pretrain("train", "--set", "train.steps=3", "--set", f"run.output_dir={tmp_path}",
                           "--set", "run.name=smoke")

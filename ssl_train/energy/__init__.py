@@ -1,0 +1,1 @@
+"""Energy and carbon accounting: device meters, one meter actor per node, the ledger, the report."""
