@@ -158,28 +158,38 @@ class DigitsMonitor:
 
 
 class EnergyProjection:
-    """The whole configured run's energy and CO2e, extrapolated from its first N steps here."""
+    """The whole configured run's energy and CO2e, extrapolated from the second half of its first
+    N steps here (the first steps include warm-up and would overstate the rate)."""
 
     def __init__(self, energy: EnergySettings, config: PretrainConfig, first_step: int):
         self.energy = energy
         self.config = config
         self.first_step = first_step
-        self.baseline = run_total_joules(energy.run)
+        self.window = config.energy.projection_after_steps
+        self.baseline: tuple[int, float] | None = None
+        self.observe(first_step)
+
+    def observe(self, step: int) -> None:
+        """Take the baseline reading when the measured window starts."""
+        if step - self.first_step == self.window // 2:
+            self.baseline = (step, run_total_joules(self.energy.run))
 
     def due(self, step: int) -> bool:
-        return step - self.first_step == self.config.energy.projection_after_steps
+        return step - self.first_step == self.window and self.baseline is not None
 
     def estimate(self, step: int) -> dict[str, Any]:
-        per_step = (run_total_joules(self.energy.run) - self.baseline) / (step - self.first_step)
+        start, joules = self.baseline
+        per_step = (run_total_joules(self.energy.run) - joules) / (step - start)
         projected = per_step * self.config.train.steps
         return {"step": step, "event": "energy_projection", "joules_per_step": per_step,
-                "steps": self.config.train.steps, "projected_joules": projected,
+                "measured_from_step": start + 1, "steps": self.config.train.steps,
+                "projected_joules": projected,
                 "projected_co2e_grams": self.energy.co2e(projected)}
 
     def describe(self, estimate: dict[str, Any]) -> str:
         return (f"energy: {estimate['joules_per_step']:.1f} J per step over steps "
-                f"{self.first_step + 1}-{estimate['step']}; projected for {estimate['steps']} "
-                f"steps: {estimate['projected_joules'] / 3.6e3:.2f} Wh, "
+                f"{estimate['measured_from_step']}-{estimate['step']}; projected for "
+                f"{estimate['steps']} steps: {estimate['projected_joules'] / 3.6e3:.2f} Wh, "
                 f"{estimate['projected_co2e_grams']:.2f} gCO2e at "
                 f"{self.energy.grid['g_per_kwh']:g} g/kWh and PUE {self.energy.pue['value']:g}")
 
@@ -299,6 +309,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         telemetry.record_step(step, record)
         if log is not None:
             log.append({"step": step, **record})
+            if projection is not None:
+                projection.observe(step)
             if projection is not None and projection.due(step):
                 estimate = projection.estimate(step)
                 log.append(estimate)

@@ -162,6 +162,10 @@ def test_checkpoints_in_s3_and_resume_with_two_then_one_worker(
     # The optimizer state went on from the checkpoint: AdamW has taken 12 steps, not 6 or 3.
     with local_copy(f"s3://{run_dir}/checkpoint_000000012") as local_dir:
         assert _adam_steps(local_dir, third) == {12}
+    # Each of the three runs left its node's energy ledger in the bucket; the last report has all.
+    assert len(fs.glob(f"{run_dir}/energy/ledger-*.jsonl")) == 3
+    report = json.loads(fs.cat_file(f"{run_dir}/energy_report.json"))
+    assert report["meter_sessions"] == 3 and report["complete"] and report["steps"] == 12
 
 
 # ---------------------------------------------------------------- partial checkpoints
@@ -263,3 +267,9 @@ def test_two_node_cluster_runs_one_worker_per_node(tmp_path):
     assert started["world_size"] == 2 and len(set(started["nodes"])) == 2
     assert _steps(records) == [1, 2, 3]
     assert np.isfinite([r["loss"] for r in records if "loss" in r]).all()
+    # One energy meter per node, and each node's training worker counted on its own node.
+    report = json.loads((tmp_path / "twonode" / "energy_report.json").read_text())
+    assert report["meter_sessions"] == 2 and len(report["energy_joules"]["by_node"]) == 2
+    train_by_node = {row["node"] for row in report["energy_joules"]["by_device"]
+                     if row["stages"]["train"] > 0}
+    assert train_by_node == set(started["nodes"])

@@ -142,6 +142,12 @@ def test_a_two_worker_run_exports_every_metric_family(tmp_path, ray_local):
         assert 0 < _value(final, "ssl_embedding_std", run="telemetry", rank="0") < 1
         assert _value(final, "ssl_checkpoint_bytes", run="telemetry", rank="0") > 0
         assert _value(final, "ssl_data_images_emitted_total", run="telemetry") >= 40 * 8
+        # One energy series per stage, node, device, component and source; CO2e per stage.
+        energy = [s for s in final["ssl_energy_joules_total"] if s.labels["run"] == "telemetry"]
+        assert {s.labels["stage"] for s in energy} == {"train", "data", "idle"}
+        assert {s.labels["source"] for s in energy} <= {"measured", "sampled", "estimated"}
+        assert all(s.labels["node"] and s.labels["device"] for s in energy)
+        assert _value(final, "ssl_co2e_grams_total", run="telemetry", stage="train") > 0
         # The real Prometheus scraped the run through the shipped config: ray_ prefix removed.
         deadline = time.time() + 30
         while True:
@@ -151,6 +157,7 @@ def test_a_two_worker_run_exports_every_metric_family(tmp_path, ray_local):
             time.sleep(1)
         assert result and max(float(r["value"][1]) for r in result) >= 10
         assert _query(prometheus_port, 'ssl_loss{run="telemetry",component="masked"}')
+        assert _query(prometheus_port, 'ssl_energy_joules_total{run="telemetry",stage="train"}')
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -172,7 +179,7 @@ def test_dashboard_queries_name_exported_metrics():
     named = set()
     for panel in dashboard["panels"]:
         for target in panel["targets"]:
-            names = set(re.findall(r"\b((?:ssl|ray)_[a-z_]+)\b", target["expr"]))
+            names = set(re.findall(r"\b((?:ssl|ray)_[a-z0-9_]+)\b", target["expr"]))
             assert names, panel["title"]
             named |= names
     assert named <= exported, named - exported
@@ -183,5 +190,5 @@ def test_dashboard_queries_name_exported_metrics():
 def test_alert_rules_use_exported_metrics():
     rules = yaml.safe_load((INFRA / "prometheus" / "alerts.yml").read_text())
     for rule in rules["groups"][0]["rules"]:
-        names = set(re.findall(r"\b(ssl_[a-z_]+)\b", rule["expr"]))
+        names = set(re.findall(r"\b(ssl_[a-z0-9_]+)\b", rule["expr"]))
         assert names and names <= exported_names(), rule["alert"]
