@@ -25,9 +25,10 @@ def test_packaged_configs_are_selectable_by_name():
 
 def test_config_is_selectable_by_path(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text("model: {image_size: 32, encoder: {patch_size: 8}}\n")
+    path.write_text("model: {image_size: 32, encoder: {patch_size: 8}}\nenergy: {region: FRA}\n")
     config = load_config(str(path))
     assert config.model.image_size == 32 and config.model.num_patches == 16
+    assert config.energy.grid()["year"] >= 2020
 
 
 def test_overrides_set_any_field_with_yaml_typed_values():
