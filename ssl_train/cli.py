@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,7 +51,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from ssl_train.launcher import train
 
-    train(config, address=args.address, options=_storage_options(args))
+    train(config, address=args.address, options=_storage_options(args),
+          slice_steps=args.slice_steps)
+    return 0
+
+
+def cmd_k8s_render(args: argparse.Namespace) -> int:
+    from ssl_train.k8s import RenderError, load_params, render, write
+
+    config = load_config(args.config, args.overrides)
+    params = load_params(args.params)
+    command = shlex.join(["ssl-pretrain", "k8s", "render", "--config", args.config,
+                          "--image", args.image,
+                          *(part for item in args.overrides for part in ("--set", item)),
+                          *(["--params", args.params] if args.params else [])])
+    try:
+        files = render(config, args.image, params, command=command)
+    except RenderError as err:
+        raise UsageError(str(err)) from None
+    for path in write(files, args.out):
+        print(f"wrote {path}")
     return 0
 
 
@@ -76,6 +96,16 @@ def _add_storage_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--access-key-id", help="S3 access key id")
     group.add_argument("--secret-access-key", help="S3 secret access key")
     group.add_argument("--anon", action="store_true", help="anonymous access (public buckets)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
 
 
 def _byte_size(text: str) -> int:
@@ -170,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--address", help="Ray cluster address, e.g. auto (default: start a "
                        "local one)")
+    train.add_argument("--slice-steps", type=_positive_int, metavar="N",
+                       help="train at most N more steps, then checkpoint and stop (one slice of a "
+                       "scheduled run; the schedule still spans train.steps)")
     _add_storage_arguments(train)
     train.set_defaults(handler=cmd_train)
 
@@ -190,6 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     energy.add_argument("--out", help="write the report here instead of into RUN_DIR")
     _add_storage_arguments(energy)
     energy.set_defaults(handler=cmd_energy_report)
+
+    k8s = commands.add_parser("k8s", help="Kubernetes manifests of a run (KubeRay)")
+    k8s_commands = k8s.add_subparsers(dest="k8s_command", required=True, metavar="ACTION")
+    k8s_render = k8s_commands.add_parser(
+        "render", help="write the RayJob, RayCluster, schedule and monitoring manifests")
+    _add_config_arguments(k8s_render)
+    k8s_render.add_argument("--image", required=True,
+                            help="training image (GPU pods); IMAGE-cpu is used for the others")
+    k8s_render.add_argument("--params", help="cluster shape YAML (default: built-in defaults; "
+                            "see k8s/params.yaml)")
+    k8s_render.add_argument("--out", default="k8s-rendered", help="folder to write into")
+    k8s_render.set_defaults(handler=cmd_k8s_render)
     return parser
 
 

@@ -100,7 +100,7 @@ def _security() -> dict[str, Any]:
 def _resources(group: GroupConfig) -> dict[str, Any]:
     limits: dict[str, Any] = {"cpu": group.cpu, "memory": group.memory}
     if group.gpus:
-        limits["nvidia.com/gpu"] = group.gpus
+        limits["nvidia.com/gpu"] = str(group.gpus)
     return {"requests": {"cpu": group.cpu, "memory": group.memory}, "limits": limits}
 
 

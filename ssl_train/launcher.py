@@ -102,17 +102,22 @@ def _storage_dict(options: StorageOptions) -> dict:
 
 
 def train(config: PretrainConfig, address: str | None = None,
-          options: StorageOptions | None = None, log: Callable[[str], None] = print) -> str:
-    """Run (or resume) the configured pretraining; returns the run directory."""
+          options: StorageOptions | None = None, log: Callable[[str], None] = print,
+          slice_steps: int | None = None) -> str:
+    """Run (or resume) the configured pretraining; returns the run directory.
+
+    ``slice_steps`` stops after that many more steps (a scheduled slice of a long run); the
+    schedule still spans ``train.steps``.
+    """
     options = (options or StorageOptions()).with_environment_endpoint()
     run_uri = run_uri_of(config)
     resume = latest_complete_checkpoint(run_uri, options)  # storage problems surface here
-    if resume:
-        done = int(read_train_state(resume, options)["step"])
-        if done >= config.train.steps:
-            log(f"run {config.run.name} is complete at step {done} ({resume}); raise "
-                "train.steps to train further")
-            return run_uri
+    done = int(read_train_state(resume, options)["step"]) if resume else 0
+    if done >= config.train.steps:
+        log(f"run {config.run.name} is complete at step {done} ({resume}); raise "
+            "train.steps to train further")
+        return run_uri
+    stop_step = min(config.train.steps, done + slice_steps) if slice_steps else config.train.steps
     ensure_ray(address, num_cpus=local_cpus(config), metrics_port=config.telemetry.metrics_port)
     if not config.data.source.url:
         url = ensure_sample_shards(config, options, log)
@@ -124,6 +129,8 @@ def train(config: PretrainConfig, address: str | None = None,
     config = config.model_copy(update={"data": data})
     if resume:
         log(f"resuming run {config.run.name} from {resume}")
+    if stop_step < config.train.steps:
+        log(f"this slice trains steps {done + 1}-{stop_step} of {config.train.steps}")
     log(f"training {config.run.name}: {config.train.steps} steps, global batch "
         f"{config.train.global_batch_size}, {config.train.num_workers} workers, "
         f"{len(shards)} shards, {data.epochs} epochs at most; run directory {run_uri}")
@@ -159,6 +166,7 @@ def train(config: PretrainConfig, address: str | None = None,
         "energy": dataclasses.asdict(energy) if energy else None,
         "run_uri": run_uri,
         "num_shards": len(shards),
+        "stop_step": stop_step,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,

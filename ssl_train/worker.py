@@ -281,7 +281,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                              checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=checkpoint_dir_name(step))
 
-    while step < config.train.steps:
+    stop_step = loop_config.get("stop_step", config.train.steps)
+    while step < stop_step:
         wait_started = time.perf_counter()
         batch = next(batches, None)
         if batch is None:
@@ -316,12 +317,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 log.append(estimate)
                 telemetry.record_projection(estimate)
                 _say(projection.describe(estimate))
-            if step % config.train.log_every == 0 or step == config.train.steps:
+            if step % config.train.log_every == 0 or step == stop_step:
                 seconds_per_step = (time.perf_counter() - started) / (step - first_step)
                 _say(progress_line(step, config.train.steps, record, seconds_per_step))
-        if step % config.train.checkpoint_every == 0 and step < config.train.steps:
+        if step % config.train.checkpoint_every == 0 and step < stop_step:
             checkpoint()
-    if is_chief and step < config.train.steps:
+    if is_chief and step < stop_step:
         _say(f"the data ran out at step {step} of {config.train.steps}: raise data.epochs")
     checkpoint()
     if log is not None:

@@ -107,6 +107,24 @@ def unknown_fields(value, schema: dict, path: str = "") -> list[str]:
     return problems
 
 
+def test_the_crd_check_finds_misspelled_and_mistyped_fields():
+    import copy
+
+    import jsonschema
+
+    schema = _crd_schema("RayJob")
+    job = copy.deepcopy(of_kind("RayJob")[0])
+    job["spec"]["shutdownAfterJobFinish"] = True
+    job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0][
+        "volumeMount"] = []
+    assert unknown_fields(job, schema) == [
+        ".spec.rayClusterSpec.headGroupSpec.template.spec.containers[0].volumeMount",
+        ".spec.shutdownAfterJobFinish"]
+    job["spec"]["backoffLimit"] = "two"
+    with pytest.raises(jsonschema.ValidationError, match="'two' is not of type 'integer'"):
+        jsonschema.validate(job, schema)
+
+
 @pytest.mark.parametrize("kind", ["RayJob", "RayCluster", "RayCronJob"])
 def test_kuberay_objects_validate_against_the_v1_7_crds(kind):
     import jsonschema
@@ -123,11 +141,8 @@ def _deserialize(obj: dict, model: str):
     """The kubernetes client's model of ``obj``; raises on missing or mistyped fields."""
     from kubernetes.client import ApiClient
 
-    class Response:
-        data = json.dumps(obj)
-
     api = ApiClient()
-    parsed = api.deserialize(Response(), model)
+    parsed = api.deserialize(json.dumps(obj), model, "application/json")
     # Keys the model does not know are dropped: a round trip must give the object back.
     assert api.sanitize_for_serialization(parsed) == obj, model
     return parsed
@@ -237,10 +252,10 @@ def test_the_image_installs_the_pinned_torch():
     pins = dict(re.findall(r'"(torch|torchvision)==([^"]+)"',
                            (ROOT / "pyproject.toml").read_text()))
     dockerfile = (ROOT / "infra" / "docker" / "Dockerfile").read_text()
-    for line in re.findall(r"pip install torch==\S+ torchvision==\S+", dockerfile):
-        assert line.split()[2:4] == [f"torch=={pins['torch']}",
-                                     f"torchvision=={pins['torchvision']}"]
-    assert len(re.findall(r"pip install torch==", dockerfile)) == 2
+    installs = re.findall(r"pip install (torch==[\w.+]+) (torchvision==[\w.+]+)", dockerfile)
+    assert len(installs) == 2  # the CUDA and the CPU variant
+    for install in installs:
+        assert install == (f"torch=={pins['torch']}", f"torchvision=={pins['torchvision']}")
 
 
 def test_podmonitors_store_ray_series_under_their_own_names():

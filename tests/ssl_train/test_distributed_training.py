@@ -17,7 +17,7 @@ import ray.cloudpickle
 import s3fs
 import torch
 
-from ssl_train.checkpoint import is_complete, load_checkpoint, local_copy
+from ssl_train.checkpoint import is_complete, load_checkpoint, local_copy, read_train_state
 from ssl_train.config import load_config
 from ssl_train.launcher import train
 from ssl_train.model import HybridSSL
@@ -42,7 +42,7 @@ def _steps(records):
 
 
 def _events(records):
-    return [r for r in records if "event" in r]
+    return [r for r in records if r.get("event") in ("started", "resumed")]
 
 
 # ---------------------------------------------------------------- loss equality, 1 vs 2 workers
@@ -166,6 +166,27 @@ def test_checkpoints_in_s3_and_resume_with_two_then_one_worker(
     assert len(fs.glob(f"{run_dir}/energy/ledger-*.jsonl")) == 3
     report = json.loads(fs.cat_file(f"{run_dir}/energy_report.json"))
     assert report["meter_sessions"] == 3 and report["complete"] and report["steps"] == 12
+
+
+def test_slices_continue_one_run_until_its_configured_steps(tmp_path, ray_local):
+    config = _config(tmp_path, "train.steps=5", "train.checkpoint_every=10", "run.name=sliced",
+                     "optim.warmup_steps=0")
+    lines: list[str] = []
+    train(config, log=lines.append, slice_steps=3)
+    assert any("this slice trains steps 1-3 of 5" in line for line in lines)
+    assert sorted(p.name for p in (tmp_path / "sliced").glob("checkpoint_0*")) == [
+        "checkpoint_000000003"]
+    train(config, log=lines.append, slice_steps=3)
+    train(config, log=lines.append, slice_steps=3)
+    assert "run sliced is complete at step 5" in lines[-1]
+    records = _records(tmp_path / "sliced")
+    assert _steps(records) == [1, 2, 3, 4, 5]
+    assert [(e["event"], e["step"]) for e in _events(records)] == [("started", 0), ("resumed", 3)]
+    # The schedule spans the configured 5 steps, not the slice: the last step is the cosine's end.
+    lr = [r["lr"] for r in records if "lr" in r]
+    peak = config.learning_rate
+    assert lr[-1] < lr[2] < peak
+    assert read_train_state(str(tmp_path / "sliced" / "checkpoint_000000005"))["step"] == 5
 
 
 # ---------------------------------------------------------------- partial checkpoints
