@@ -17,6 +17,7 @@ import os
 import posixpath
 import re
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from pipelines.storage import StorageOptions, open_filesystem, storage_call
 
@@ -82,6 +88,15 @@ def load_checkpoint(
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
     return json.loads((local_dir / TRAIN_STATE).read_text())
+
+
+def load_model_weights(local_dir: Path, model: torch.nn.Module) -> None:
+    """Load the model's state only (evaluation, export): the optimizer's is not read."""
+    state = {"model": get_model_state_dict(model)}
+    with warnings.catch_warnings():  # one process reading on purpose: DCP's notice says so
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(local_dir), no_dist=not dist.is_initialized())
+    set_model_state_dict(model, state["model"])
 
 
 def is_complete(uri: str, options: StorageOptions | None = None) -> bool:

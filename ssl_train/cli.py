@@ -40,10 +40,6 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _not_yet(stage: str) -> None:
-    raise UsageError(f"'ssl-pretrain {stage}' is not available in this version yet")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if args.print_config:
@@ -142,13 +138,32 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    _not_yet("eval")
-    return 1
+    from ssl_train.evaluate import evaluate, result_table, write_result
+
+    result = evaluate(args.checkpoint, args.data, _storage_options(args).with_environment_endpoint(),
+                      k=args.k, temperature=args.temperature, shots=args.shots,
+                      seeds=args.seeds, test_fraction=args.test_fraction)
+    print(result_table(result))
+    print(f"result: {write_result(result, args.out)}")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    _not_yet("export")
-    return 1
+    from ssl_train.export import export
+
+    weights = export(args.checkpoint, args.out, _storage_options(args).with_environment_endpoint())
+    print(f"wrote {weights} and {weights.parent / 'config.json'}")
+    return 0
+
+
+def _shots(text: str) -> list[int]:
+    try:
+        shots = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        shots = []
+    if not shots or min(shots) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of positive numbers like 1,5,10")
+    return shots
 
 
 def cmd_energy_report(args: argparse.Namespace) -> int:
@@ -207,13 +222,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=cmd_train)
 
     evaluate = commands.add_parser("eval", help="kNN and linear-probe accuracy of a checkpoint")
-    evaluate.add_argument("checkpoint", help="checkpoint directory")
-    evaluate.add_argument("--data", help="labelled dataset (folder per class, shards, or 'digits')")
+    evaluate.add_argument("checkpoint", help="checkpoint directory (local path or fsspec URL)")
+    evaluate.add_argument("--data", default="digits",
+                          help="labelled data: 'digits' (scikit-learn's, default), a folder with "
+                          "one sub-folder per class, or a folder of WebDataset shards with a cls "
+                          "member")
+    evaluate.add_argument("--k", type=_positive_int, default=20, help="kNN neighbours (20)")
+    evaluate.add_argument("--temperature", type=float, default=0.07,
+                          help="kNN vote temperature (0.07)")
+    evaluate.add_argument("--shots", type=_shots, default=[1, 5, 10],
+                          help="few-shot sizes per class (1,5,10)")
+    evaluate.add_argument("--seeds", type=_positive_int, default=5,
+                          help="few-shot repetitions (5)")
+    evaluate.add_argument("--test-fraction", type=float, default=0.5,
+                          help="share of each class held out for testing (0.5)")
+    evaluate.add_argument("--out", default="eval_result.json", help="result JSON path")
+    _add_storage_arguments(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
 
     export = commands.add_parser("export", help="write the encoder alone as timm safetensors")
-    export.add_argument("checkpoint", help="checkpoint directory")
+    export.add_argument("checkpoint", help="checkpoint directory (local path or fsspec URL)")
     export.add_argument("out", help="output directory")
+    _add_storage_arguments(export)
     export.set_defaults(handler=cmd_export)
 
     energy = commands.add_parser(
