@@ -140,7 +140,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ssl_train.evaluate import evaluate, result_table, write_result
 
-    result = evaluate(args.checkpoint, args.data, _storage_options(args).with_environment_endpoint(),
+    result = evaluate(args.checkpoint, args.data, _storage_options(args),
                       k=args.k, temperature=args.temperature, shots=args.shots,
                       seeds=args.seeds, test_fraction=args.test_fraction)
     print(result_table(result))
@@ -151,7 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ssl_train.export import export
 
-    weights = export(args.checkpoint, args.out, _storage_options(args).with_environment_endpoint())
+    weights = export(args.checkpoint, args.out, _storage_options(args))
     print(f"wrote {weights} and {weights.parent / 'config.json'}")
     return 0
 
@@ -169,7 +169,7 @@ def _shots(text: str) -> list[int]:
 def cmd_energy_report(args: argparse.Namespace) -> int:
     from ssl_train.energy.report import write_report
 
-    write_report(args.run_dir, _storage_options(args).with_environment_endpoint(), out=args.out)
+    write_report(args.run_dir, _storage_options(args), out=args.out)
     return 0
 
 

@@ -127,9 +127,13 @@ def _pod_template(k8s: K8sConfig, group: GroupConfig, image: str, container: str
     return {"metadata": {"labels": {PART_OF: k8s.name}}, "spec": spec}
 
 
-def _images(image: str) -> tuple[str, str]:
-    """(the CUDA image, its CPU variant): IMAGE and IMAGE-cpu (docs/kubernetes.md)."""
-    return image, f"{image}-cpu"
+def cpu_variant(image: str) -> str:
+    """The CPU build of IMAGE, tagged IMAGE-cpu (docs/kubernetes.md)."""
+    return f"{image}-cpu"
+
+
+def _group_image(group: GroupConfig, image: str) -> str:
+    return cpu_variant(image) if group.cpu_image else image
 
 
 def _ray_start(group: GroupConfig) -> dict[str, str]:
@@ -143,7 +147,6 @@ def _ray_start(group: GroupConfig) -> dict[str, str]:
 
 def ray_cluster_spec(k8s: K8sConfig, image: str) -> dict[str, Any]:
     """The RayCluster spec shared by the RayJob, the RayCluster and the slices."""
-    gpu_image, cpu_image = _images(image)
     config_map = f"{k8s.name}-config"
     metrics = {"containerPort": METRICS_PORT, "name": "metrics"}
     head_ports = [{"containerPort": 6379, "name": "gcs-server"},
@@ -157,16 +160,16 @@ def ray_cluster_spec(k8s: K8sConfig, image: str) -> dict[str, Any]:
             "groupName": group_name, "replicas": group.replicas,
             "minReplicas": group.replicas, "maxReplicas": group.replicas,
             "rayStartParams": _ray_start(group),
-            "template": _pod_template(k8s, group, cpu_image if group.cpu_image else gpu_image,
-                                      "ray-worker", [metrics], config_map),
+            "template": _pod_template(k8s, group, _group_image(group, image), "ray-worker",
+                                      [metrics], config_map),
         })
     head = k8s.head
     return {
         "rayVersion": RAY_VERSION,
         "headGroupSpec": {
             "rayStartParams": {**_ray_start(head), "dashboard-host": "0.0.0.0"},
-            "template": _pod_template(k8s, head, cpu_image if head.cpu_image else gpu_image,
-                                      "ray-head", head_ports, config_map),
+            "template": _pod_template(k8s, head, _group_image(head, image), "ray-head",
+                                      head_ports, config_map),
         },
         "workerGroupSpecs": workers,
     }
@@ -184,7 +187,7 @@ def _metadata(k8s: K8sConfig, name: str, **labels: str) -> dict[str, Any]:
 
 
 def rayjob_spec(k8s: K8sConfig, image: str, entrypoint: str) -> dict[str, Any]:
-    spec = {
+    return {
         "entrypoint": entrypoint,
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": k8s.ttl_seconds_after_finished,
@@ -194,14 +197,13 @@ def rayjob_spec(k8s: K8sConfig, image: str, entrypoint: str) -> dict[str, Any]:
         "submitterPodTemplate": {"spec": {
             "restartPolicy": "Never", "serviceAccountName": k8s.service_account,
             "securityContext": {"runAsNonRoot": True, "runAsUser": 1000},
-            "containers": [{"name": "ray-job-submitter", "image": _images(image)[1],
+            "containers": [{"name": "ray-job-submitter", "image": cpu_variant(image),
                             "securityContext": _security(),
                             "resources": {"requests": {"cpu": "500m", "memory": "512Mi"},
                                           "limits": {"cpu": "1", "memory": "1Gi"}}}],
         }},
         "rayClusterSpec": ray_cluster_spec(k8s, image),
     }
-    return spec
 
 
 def _dns_label(name: str) -> str:
@@ -284,13 +286,12 @@ def _schedule(k8s: K8sConfig, image: str, slice_job: dict, run_uri: str) -> list
         f"ssl-pretrain energy-report {shlex.quote(run_uri)} || echo 'energy report failed'",
         '[ "$result" = SUCCEEDED ]',
     ]) + "\n"
-    gpu_image, cpu_image = _images(image)
     pod = {
         "serviceAccountName": slicer,
         "restartPolicy": "Never",
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000},
         "containers": [{
-            "name": "slice", "image": cpu_image, "command": ["/bin/bash", "-c", script],
+            "name": "slice", "image": cpu_variant(image), "command": ["/bin/bash", "-c", script],
             **_container_env(k8s), "securityContext": _security(),
             "resources": {"requests": {"cpu": "500m", "memory": "1Gi"},
                           "limits": {"cpu": "1", "memory": "2Gi"}},

@@ -89,16 +89,11 @@ def energy_settings(config: PretrainConfig, run_uri: str, options: StorageOption
     if not energy.enabled:
         return None
     return EnergySettings(
-        run=config.run.name, run_uri=run_uri, storage=_storage_dict(options), grid=energy.grid(),
+        run=config.run.name, run_uri=run_uri, storage=dataclasses.asdict(options), grid=energy.grid(),
         pue=energy.pue.model_dump(), interval_seconds=energy.interval_seconds,
         upload_every_seconds=energy.upload_every_seconds, powercap_root=energy.powercap_root,
         cpu_tdp_watts=energy.cpu_tdp_watts, images_per_step=config.train.global_batch_size,
     )
-
-
-def _storage_dict(options: StorageOptions) -> dict:
-    return {"endpoint_url": options.endpoint_url, "key": options.key, "secret": options.secret,
-            "anon": options.anon}
 
 
 def train(config: PretrainConfig, address: str | None = None,
@@ -162,7 +157,7 @@ def train(config: PretrainConfig, address: str | None = None,
     storage_path, storage_fs = _storage_filesystem(config.run.output_dir, options)
     loop_config: dict[str, Any] = {
         "config": config.model_dump(mode="json"),
-        "storage": _storage_dict(options),
+        "storage": dataclasses.asdict(options),
         "energy": dataclasses.asdict(energy) if energy else None,
         "run_uri": run_uri,
         "num_shards": len(shards),

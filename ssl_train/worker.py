@@ -31,6 +31,7 @@ from ssl_train.checkpoint import (
     save_checkpoint,
 )
 from ssl_train.config import PretrainConfig
+from ssl_train.energy.carbon import JOULES_PER_KWH
 from ssl_train.energy.node import EnergySettings, register_process, run_total_joules
 from ssl_train.health import (
     alignment,
@@ -189,7 +190,7 @@ class EnergyProjection:
     def describe(self, estimate: dict[str, Any]) -> str:
         return (f"energy: {estimate['joules_per_step']:.1f} J per step over steps "
                 f"{estimate['measured_from_step']}-{estimate['step']}; projected for "
-                f"{estimate['steps']} steps: {estimate['projected_joules'] / 3.6e3:.2f} Wh, "
+                f"{estimate['steps']} steps: {estimate['projected_joules'] / JOULES_PER_KWH * 1000:.2f} Wh, "
                 f"{estimate['projected_co2e_grams']:.2f} gCO2e at "
                 f"{self.energy.grid['g_per_kwh']:g} g/kWh and PUE {self.energy.pue['value']:g}")
 

@@ -30,7 +30,7 @@ import psutil
 
 from pipelines.storage import StorageOptions
 from ssl_train.energy.carbon import co2e_grams
-from ssl_train.energy.meters import cpu_model, load_nvml, node_meters
+from ssl_train.energy.meters import NvmlGpu, cpu_model, load_nvml, node_meters
 from ssl_train.metrics_log import RunFile
 
 STAGES = ("train", "data", "idle")
@@ -95,7 +95,7 @@ class NodeEnergy:
                 "cpu_model": cpu_model(), "logical_cpus": self.logical_cpus,
                 "memory_bytes": psutil.virtual_memory().total, "platform": platform.platform(),
                 "gpus": [{"uuid": m.uuid, "name": m.name} for m in self.meters
-                         if hasattr(m, "uuid")],
+                         if isinstance(m, NvmlGpu)],
             },
             "meters": [asdict(m.info()) for m in self.meters],
             "grid_intensity": settings.grid, "pue": settings.pue,

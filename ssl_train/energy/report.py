@@ -19,13 +19,13 @@ from collections.abc import Callable
 
 from pipelines.storage import StorageError, StorageOptions, open_filesystem, storage_call
 from ssl_train.energy.carbon import JOULES_PER_KWH, co2e_grams
-from ssl_train.energy.meters import DRAM_WATTS_PER_GIB, ESTIMATED, IDLE_SHARE, SAMPLED
+from ssl_train.energy.meters import DRAM_WATTS_PER_GIB, ESTIMATED, IDLE_SHARE, MEASURED, SAMPLED
 from ssl_train.energy.node import LEDGER_DIR, STAGES, utc
 
 REPORT_NAME = "energy_report"
 
 UNCERTAINTY = {
-    "measured": "RAPL and NVML counters measure the package, DRAM or board they name; not power "
+    MEASURED: "RAPL and NVML counters measure the package, DRAM or board they name; not power "
                 "supply losses, fans, disks, network or the rest of the server (PUE covers the "
                 "facility, not these). Where a node runs other pods, their share of the counter "
                 "is in `idle`.",
@@ -55,16 +55,23 @@ def read_ledger(run_uri: str, options: StorageOptions | None = None) -> dict:
     if not files:
         raise LedgerError(f"no energy ledger under {run_uri.rstrip('/')}/{LEDGER_DIR}: was the run "
                           "trained with energy.enabled?")
+    def records(path: str) -> tuple[list[dict], int]:
+        """The JSON lines of ``path``, and how many lines a crash cut (skipped)."""
+        parsed, cut = [], 0
+        for line in storage_call(run_uri, options, fs.cat_file, path).decode().splitlines():
+            try:
+                parsed.append(json.loads(line))
+            except ValueError:
+                cut += 1
+        return parsed, cut
+
     sessions, cut = [], 0
     for path in files:
         session = {"file": posixpath.basename(path), "meter": None, "intervals": [],
                    "stopped": None}
-        for line in storage_call(run_uri, options, fs.cat_file, path).decode().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                cut += 1
-                continue
+        lines, cut_here = records(path)
+        cut += cut_here
+        for record in lines:
             kind = record.get("type")
             if kind == "meter":
                 session["meter"] = record
@@ -75,13 +82,8 @@ def read_ledger(run_uri: str, options: StorageOptions | None = None) -> dict:
         if session["meter"] is not None:
             sessions.append(session)
     metrics_path = posixpath.join(root, "metrics.jsonl")
-    metrics = []
-    if storage_call(run_uri, options, fs.exists, metrics_path):
-        for line in storage_call(run_uri, options, fs.cat_file, metrics_path).decode().splitlines():
-            try:
-                metrics.append(json.loads(line))
-            except ValueError:
-                continue
+    metrics = (records(metrics_path)[0]
+               if storage_call(run_uri, options, fs.exists, metrics_path) else [])
     return {"sessions": sessions, "cut_lines": cut, "metrics": metrics}
 
 
