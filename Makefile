@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: pretrain test install clean
+.PHONY: pretrain test reliability install clean
 
 install: $(INSTALLED)
 
@@ -20,6 +20,10 @@ pretrain: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The whole reliability and security suite, long variants included (docs/reliability.md).
+reliability: $(INSTALLED)
+	$(BIN)/python -m pytest -m reliability --full $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

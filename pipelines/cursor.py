@@ -3,12 +3,13 @@
 Each epoch reads every shard once, in a permutation drawn from (seed, epoch). The stream keeps
 that order (Ray Data's ``preserve_order``), so the shards consumed form a prefix of the
 permutation: the cursor is (epoch, number of shards fully consumed). A resumed stream starts at
-the first shard not fully consumed; the samples of that shard that had already been used are
-read again, and ``CursorTracker`` counts them.
+the first shard not fully consumed by every worker; the samples of that shard and later ones that
+had already been used are read again, and ``CursorTracker`` counts them.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -45,21 +46,26 @@ def shard_schedule(num_shards: int, cursor: DataCursor, epochs: int) -> list[tup
 
 
 class CursorTracker:
-    """Follows the (epoch, position) of consumed samples and says what a checkpoint should hold."""
+    """Follows the (epoch, position) of consumed samples and says what a checkpoint should hold.
+
+    Besides the shard being read, it keeps the samples consumed per shard that no checkpoint has
+    closed yet (those a resume reads again) and per shard since the last checkpoint (the run's
+    record of what was trained).
+    """
 
     def __init__(self, start: DataCursor, num_shards: int):
         self.seed = start.seed
         self.num_shards = num_shards
         self.current = (start.epoch, start.shards_consumed)
-        self.samples_in_current = 0
+        self.open: Counter = Counter()  # (epoch, position) -> samples, shards not yet closed
+        self.since_checkpoint: Counter = Counter()
 
     def observe(self, epochs: np.ndarray, positions: np.ndarray) -> None:
         """Record a consumed batch's ``epoch`` and ``position`` columns."""
         for epoch, position in zip(np.asarray(epochs).tolist(), np.asarray(positions).tolist()):
-            here = (int(epoch), int(position))
-            if here != self.current:
-                self.current, self.samples_in_current = here, 0
-            self.samples_in_current += 1
+            self.current = (int(epoch), int(position))
+            self.open[self.current] += 1
+            self.since_checkpoint[self.current] += 1
 
     def cursor(self) -> DataCursor:
         """Resume point: every shard before the one being read is fully consumed."""
@@ -73,7 +79,30 @@ class CursorTracker:
             return DataCursor(seed=self.seed, epoch=epoch + 1, shards_consumed=0)
         return DataCursor(seed=self.seed, epoch=epoch, shards_consumed=position + 1)
 
-    @property
-    def samples_replayed_on_resume(self) -> int:
-        """Samples of the shard in flight that a resume from ``cursor()`` reads again."""
-        return self.samples_in_current
+    def checkpoint_part(self, exhausted: bool) -> dict:
+        """This worker's share of a checkpoint: its resume point, the samples of shards it has
+        not finished, and what it consumed since the last checkpoint (which it then forgets)."""
+        mine = self.cursor_at_end_of_stream() if exhausted else self.cursor()
+        part = {"position": (mine.epoch, mine.shards_consumed), "open": dict(self.open),
+                "consumed": dict(self.since_checkpoint)}
+        self.since_checkpoint = Counter()
+        return part
+
+    def close_before(self, cursor: DataCursor) -> None:
+        """Forget shards before ``cursor``: a resume from it does not read them again."""
+        start = (cursor.epoch, cursor.shards_consumed)
+        self.open = Counter({shard: n for shard, n in self.open.items() if shard >= start})
+
+
+def merge_checkpoint_parts(seed: int, parts: list[dict]) -> tuple[DataCursor, int, dict[str, int]]:
+    """Every worker's ``checkpoint_part`` -> (the cursor all agree on: the earliest shard any of
+    them still reads, the samples a resume from it reads again, samples consumed per shard as
+    ``"epoch:position"``)."""
+    epoch, position = min(tuple(part["position"]) for part in parts)
+    cursor = DataCursor(seed=seed, epoch=epoch, shards_consumed=position)
+    in_flight = sum(n for part in parts for shard, n in part["open"].items()
+                    if tuple(shard) >= (epoch, position))
+    consumed: Counter = Counter()
+    for part in parts:
+        consumed.update({f"{e}:{p}": n for (e, p), n in part["consumed"].items()})
+    return cursor, in_flight, dict(sorted(consumed.items()))

@@ -36,10 +36,11 @@ def open_image(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, in
         raise Rejected(UNREADABLE, "empty file")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own max_pixels decides (below); Pillow still refuses twice its own limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except Image.DecompressionBombError as err:
         raise Rejected(TOO_LARGE, str(err)) from None
     except Exception as err:  # noqa: BLE001 - PIL raises many types for garbage input
         raise Rejected(UNREADABLE, f"{type(err).__name__}: {err}") from None
@@ -49,7 +50,8 @@ def open_image(data: bytes, max_pixels: int) -> tuple[Image.Image, tuple[int, in
         orientation = image.getexif().get(_ORIENTATION_TAG, 1)
     except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image
         orientation = 1
-    if orientation in _TRANSPOSING_ORIENTATIONS:
+    # Pillow's TIFF reader already reports the upright size (it transposes while loading).
+    if orientation in _TRANSPOSING_ORIENTATIONS and image.format != "TIFF":
         width, height = height, width
     return image, (width, height)
 

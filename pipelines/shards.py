@@ -92,6 +92,23 @@ def write_shard(sink: BinaryIO, samples: Iterable[tuple[str, str, bytes, dict]])
     return {"samples": count, "bytes": writer.bytes_written, "sha256": writer.sha256.hexdigest()}
 
 
+class _CheckedTarInfo(tarfile.TarInfo):
+    """Tar headers that treat a cut, corrupt or missing header as damage, not as the end.
+
+    tarfile alone stops quietly at such a header anywhere after the first member, which would
+    shorten a damaged shard without a word; only a zero block ends an archive here.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_):
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EOFHeaderError:
+            raise  # a zero block: the archive's proper end
+        except tarfile.HeaderError as err:
+            raise tarfile.ReadError(f"damaged header at byte {tarfile_.offset}: {err}") from None
+
+
 def _unsafe_name(name: str) -> bool:
     normalised = posixpath.normpath(name)
     return name.startswith("/") or normalised.startswith("..") or "/../" in f"/{name}/"
@@ -111,7 +128,7 @@ def iter_shard_samples(
     stats = stats or ReadStats()
     current: TarSample | None = None
     try:
-        with tarfile.open(fileobj=source, mode="r|*") as archive:
+        with tarfile.open(fileobj=source, mode="r|*", tarinfo=_CheckedTarInfo) as archive:
             for member in archive:
                 if not member.isfile():
                     stats.skip("not_a_regular_file")
@@ -126,17 +143,19 @@ def iter_shard_samples(
                 if not ext:
                     stats.skip("no_extension")
                     continue
+                if current is not None and current.key != key:
+                    yield current  # complete: what follows cannot damage it
+                    current = None
                 extracted = archive.extractfile(member)
                 data = extracted.read() if extracted is not None else b""
                 if len(data) != member.size:
                     raise ShardError(f"member {member.name} is truncated")
-                if current is not None and current.key != key:
-                    yield current
-                    current = None
                 if current is None:
                     current = TarSample(key)
                 current.members[ext] = data
     except (tarfile.TarError, EOFError, OSError) as err:
-        raise ShardError(f"{type(err).__name__}: {err}") from None
+        # The cause stays attached: a read that failed on storage, not on the archive, is
+        # told apart by the caller (pipelines.storage.unavailable_reason).
+        raise ShardError(f"{type(err).__name__}: {err}") from err
     if current is not None:
         yield current

@@ -9,6 +9,7 @@ appear in those messages or in ``describe()``.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,26 @@ from fsspec.core import url_to_fs
 
 class StorageError(RuntimeError):
     """Storage cannot be used as asked; the message says what to change."""
+
+
+class StorageUnavailable(StorageError):
+    """Storage kept failing (5xx, throttling, dropped or refused connections) through every retry.
+
+    Unlike a missing file or a rejected key, this is not the data's fault: the data stage does
+    not skip a shard for it, it stops, and the run can be resumed once storage answers again.
+    """
+
+
+# S3 error codes that mean "try again later" (besides any HTTP 5xx status).
+_RETRYABLE_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
+                              "Throttling", "ThrottlingException", "RequestLimitExceeded"})
+# s3fs turns SlowDown and ServiceUnavailable into EBUSY, InternalError into EREMOTEIO.
+_S3FS_RETRYABLE_ERRNOS = frozenset({errno.EBUSY, errno.EREMOTEIO})
+# Transport failures, by class name: botocore's, aiohttp's and the standard library's.
+_TRANSPORT_ERRORS = frozenset({
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ConnectionError",
+})
 
 
 @dataclass(frozen=True)
@@ -43,8 +64,9 @@ class StorageOptions:
             return {}
         options: dict[str, Any] = {
             "anon": self.anon,
-            # Throttling (SlowDown, 503) and dropped connections are retried with backoff by
-            # botocore's adaptive mode before an error reaches us.
+            # Throttling (SlowDown, 503), 5xx answers and dropped connections are retried with
+            # exponential backoff by botocore's adaptive mode (and s3fs's own loop for
+            # throttling) before an error reaches us; max_attempts bounds how long that lasts.
             "config_kwargs": {
                 "connect_timeout": self.connect_timeout_s,
                 "read_timeout": 120,
@@ -85,12 +107,41 @@ def open_filesystem(
         raise StorageError(f"cannot open {url}: {err}") from None
 
 
+def _chain(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def unavailable_reason(err: BaseException) -> str | None:
+    """Why storage looks unavailable (a retryable failure) in ``err``'s chain, or None."""
+    for link in _chain(err):
+        response = getattr(link, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code", "")
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code in _RETRYABLE_CODES or status >= 500:
+                return f"{code or 'HTTP'} {status}".strip()
+        if type(link).__name__ in _TRANSPORT_ERRORS or isinstance(link, (ConnectionError,
+                                                                          TimeoutError)):
+            return type(link).__name__
+        # s3fs's translation of those codes, whose cause is lost once it crossed processes.
+        if isinstance(link, OSError) and link.errno in _S3FS_RETRYABLE_ERRNOS:
+            return f"{link.strerror or link}"
+        if any(f"({code})" in str(link) for code in _RETRYABLE_CODES):
+            return next(code for code in _RETRYABLE_CODES if f"({code})" in str(link))
+    return None
+
+
 def explain(err: BaseException, url: str, options: StorageOptions | None = None) -> StorageError:
     """A StorageError saying in one sentence what went wrong with ``url`` and what to do."""
     options = options or StorageOptions()
     where = options.describe(url)
     name = type(err).__name__
     text = str(err)
+    unavailable = unavailable_reason(err)
     if "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
         return StorageError(f"the credentials for {where} were rejected: check the key and secret")
     if name in ("NoCredentialsError", "PartialCredentialsError"):
@@ -98,10 +149,16 @@ def explain(err: BaseException, url: str, options: StorageOptions | None = None)
             f"no credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(or pass them as options), or use anonymous access"
         )
-    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionError") or isinstance(
-        err, (ConnectionError, TimeoutError)
+    if name in ("EndpointConnectionError", "ConnectTimeoutError") or isinstance(
+        err, ConnectionRefusedError
     ):
-        return StorageError(f"cannot reach storage for {where}: check the endpoint and network")
+        return StorageUnavailable(
+            f"cannot reach storage for {where}: check the endpoint and network")
+    if unavailable:
+        return StorageUnavailable(
+            f"storage for {where} kept failing ({unavailable}) through {options.max_attempts} "
+            "attempts with backoff: check the storage service, then rerun the same command "
+            "to resume")
     if isinstance(err, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
         return StorageError(f"access denied to {where}: check the credentials' permissions")
     if isinstance(err, FileNotFoundError):

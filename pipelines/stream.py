@@ -30,7 +30,13 @@ from pipelines.quality import QualityConfig
 from pipelines.settings import StrictSection
 from pipelines.shards import ReadStats, ShardError
 from pipelines.sources import ShardRef, SourceConfig, list_shards, read_shard
-from pipelines.storage import StorageError, StorageOptions
+from pipelines.storage import (
+    StorageError,
+    StorageOptions,
+    StorageUnavailable,
+    explain,
+    unavailable_reason,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +108,12 @@ def _read_shards(batch: dict[str, np.ndarray], source: SourceConfig, options: St
                 if len(keys) == READ_BATCH:
                     yield flush()
         except (ShardError, StorageError, OSError, ValueError) as err:
+            # Storage that stays down after every retry stops the stream (the run resumes
+            # later from its checkpoint); skipping would silently drop good shards.
+            if isinstance(err, StorageUnavailable):
+                raise
+            if unavailable_reason(err):
+                raise explain(err, shard.uri, options) from err
             # Anything else is a bug and stops the stream; a bad shard must not.
             delta["shard_errors"] += 1
             logger.warning("skipping the rest of shard %s: %s", shard.uri, err)

@@ -7,6 +7,11 @@ other file). A directory is *complete* only if every file that ``train_state.jso
 there with that size; anything else (a crash during upload, a deleted or truncated file) is
 skipped on resume. Checkpoints are written into a local directory per worker and persisted by
 ``ray.train.report``; they are read back from any fsspec URL.
+
+Loading never runs code from the checkpoint: every file is checked against its SHA-256 first (a
+changed file is refused), DCP's ``.metadata`` is unpickled with only DCP's own metadata classes
+allowed, and every other object is read with ``torch.load(weights_only=True)`` (DCP's default
+planner would unpickle non-tensor values freely).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import posixpath
 import re
 import tempfile
@@ -25,6 +31,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -32,11 +41,25 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from pipelines.storage import StorageOptions, open_filesystem, storage_call
+from pipelines.storage import StorageError, StorageOptions, open_filesystem, storage_call
 
 TRAIN_STATE = "train_state.json"
 CHECKPOINT_PREFIX = "checkpoint_"
 _CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}\d{{9}}")
+
+
+# What DCP's .metadata may contain: its own metadata classes and the few values they hold.
+_METADATA_GLOBALS = frozenset({
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+     ("pathlib", "PurePosixPath")})
+
+
+class CheckpointError(StorageError):
+    """A checkpoint that must not be loaded; the message says which file and what to do."""
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -78,24 +101,99 @@ def save_checkpoint(
         (local_dir / TRAIN_STATE).write_text(json.dumps(state, indent=2, sort_keys=True))
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = (module, name) in _METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} has no place in checkpoint metadata")
+        return super().find_class(module, name)
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """DCP's file reader, with ``.metadata`` unpickled by the allow-list above."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        with open(os.path.join(str(self.path), ".metadata"), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError("the .metadata file does not hold DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _WeightsOnlyPlanner(DefaultLoadPlanner):
+    """DCP's planner, reading non-tensor values (optimizer hyper-parameters) weights-only."""
+
+    def load_bytes(self, read_item, value) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+def verify_checkpoint(local_dir: Path, name: str | None = None) -> dict[str, Any]:
+    """The train state of a checkpoint whose files all match their recorded SHA-256."""
+    name = name or str(local_dir)
+    try:
+        state = json.loads((local_dir / TRAIN_STATE).read_text())
+        files = state["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {name} has no readable {TRAIN_STATE} ({err}): it is "
+                              "incomplete; load another one") from None
+    if ".metadata" not in files:
+        raise CheckpointError(f"checkpoint {name} lists no .metadata: load another one")
+    for file_name, expected in sorted(files.items()):
+        path = local_dir / file_name
+        if posixpath.basename(file_name) != file_name or not path.is_file():
+            raise CheckpointError(f"checkpoint {name} lacks {file_name}: load another one")
+        if _file_digest(path) != (expected["bytes"], expected["sha256"]):
+            raise CheckpointError(
+                f"checkpoint {name} is refused: {file_name} does not match the SHA-256 recorded "
+                f"in its {TRAIN_STATE} (changed or damaged after it was written); move that "
+                "checkpoint away to resume from the one before it")
+    return state
+
+
+def _load(state: dict[str, Any], local_dir: Path, name: str | None, **kwargs: Any) -> dict:
+    train_state = verify_checkpoint(local_dir, name)
+    try:
+        dcp.load(state, storage_reader=_SafeReader(str(local_dir)),
+                 planner=_WeightsOnlyPlanner(), **kwargs)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"checkpoint {name or local_dir} is refused: {err}") from None
+    except CheckpointException as err:
+        if "UnpicklingError" not in str(err):
+            raise
+        raise CheckpointError(f"checkpoint {name or local_dir} is refused: it holds objects "
+                              "other than tensors and plain values") from None
+    return train_state
+
+
 def load_checkpoint(
-    local_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    local_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """Load model and optimizer state (resharding as needed); returns the train state."""
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(local_dir))
+    train_state = _load(state, local_dir, name)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
-    return json.loads((local_dir / TRAIN_STATE).read_text())
+    return train_state
 
 
-def load_model_weights(local_dir: Path, model: torch.nn.Module) -> None:
+def load_model_weights(local_dir: Path, model: torch.nn.Module, name: str | None = None) -> None:
     """Load the model's state only (evaluation, export): the optimizer's is not read."""
     state = {"model": get_model_state_dict(model)}
     with warnings.catch_warnings():  # one process reading on purpose: DCP's notice says so
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(local_dir), no_dist=not dist.is_initialized())
+        _load(state, local_dir, name, no_dist=not dist.is_initialized())
     set_model_state_dict(model, state["model"])
 
 

@@ -78,6 +78,7 @@ def _storage_options(args: argparse.Namespace):
         key=args.access_key_id,
         secret=args.secret_access_key,
         anon=args.anon,
+        max_attempts=args.storage_attempts,
     )
 
 
@@ -92,6 +93,9 @@ def _add_storage_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--access-key-id", help="S3 access key id")
     group.add_argument("--secret-access-key", help="S3 secret access key")
     group.add_argument("--anon", action="store_true", help="anonymous access (public buckets)")
+    group.add_argument("--storage-attempts", type=_positive_int, default=8, metavar="N",
+                       help="attempts per storage request, with exponential backoff, before a "
+                       "failing or throttling store stops the command (default 8)")
 
 
 def _positive_int(text: str) -> int:

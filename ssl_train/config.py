@@ -166,6 +166,10 @@ class TelemetryConfig(StrictSection):
     # Ray's metrics port on a local cluster (a cluster's nodes use theirs, e.g. KubeRay's
     # `metrics` port). The endpoint exposes metric values and run names, nothing else.
     metrics_port: Annotated[int, Field(ge=1024, le=65535)] | None = 8090
+    # The address a local cluster's metrics endpoint binds to: this machine only, or every
+    # interface (for a Prometheus elsewhere). Ray offers no other choice; a cluster's nodes bind
+    # to their pod or host address, reachable by whatever may reach the node.
+    metrics_address: Literal["127.0.0.1", "0.0.0.0"] = "127.0.0.1"
     # Every this many steps, embeddings of a held batch feed std, rank, alignment, uniformity.
     health_every: PositiveInt = 10
     # A labelled monitor set for a kNN accuracy of frozen features at the same cadence:

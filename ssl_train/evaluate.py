@@ -40,7 +40,7 @@ def load_model(checkpoint: str, options: StorageOptions | None = None
     config = PretrainConfig.model_validate(state["config"])
     model = HybridSSL(config.model, config.loss)
     with local_copy(checkpoint, options) as local_dir:
-        load_model_weights(local_dir, model)
+        load_model_weights(local_dir, model, checkpoint)
     return model.eval(), config, state
 
 

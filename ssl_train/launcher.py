@@ -19,7 +19,16 @@ from typing import Any
 from pipelines.cluster import ensure_ray
 from pipelines.cursor import DataCursor
 from pipelines.sources import list_shards
-from pipelines.storage import StorageOptions, is_remote, open_filesystem, storage_call
+from pipelines.storage import (
+    StorageError,
+    StorageOptions,
+    StorageUnavailable,
+    explain,
+    is_remote,
+    open_filesystem,
+    storage_call,
+    unavailable_reason,
+)
 from ssl_train.checkpoint import latest_complete_checkpoint, read_train_state
 from ssl_train.config import PretrainConfig
 
@@ -96,6 +105,37 @@ def energy_settings(config: PretrainConfig, run_uri: str, options: StorageOption
     )
 
 
+def _causes(err: BaseException):
+    """``err`` and everything it wraps: Ray Train's per-worker failures, Ray's task errors."""
+    pending, seen = [err], set()
+    while pending:
+        link = pending.pop()
+        if link is None or id(link) in seen:
+            continue
+        seen.add(id(link))
+        yield link
+        pending += [link.__cause__, link.__context__, getattr(link, "cause", None),
+                    getattr(link, "controller_failure", None),
+                    *getattr(link, "worker_failures", {}).values()]
+
+
+def storage_failure(err: BaseException, run_uri: str,
+                    options: StorageOptions) -> StorageError | None:
+    """The storage problem that ended a failed run, as a StorageError for the user, or None."""
+    for link in _causes(err):
+        if isinstance(link, StorageError):
+            found = link
+            break
+        if unavailable_reason(link):
+            found = explain(link, run_uri, options)
+            break
+    else:
+        return None
+    kept = "" if isinstance(found, StorageUnavailable) else (
+        "; checkpoints already written are kept and the same command resumes from the last one")
+    return type(found)(f"the run stopped: {found}{kept}")
+
+
 def train(config: PretrainConfig, address: str | None = None,
           options: StorageOptions | None = None, log: Callable[[str], None] = print,
           slice_steps: int | None = None) -> str:
@@ -113,12 +153,15 @@ def train(config: PretrainConfig, address: str | None = None,
             "train.steps to train further")
         return run_uri
     stop_step = min(config.train.steps, done + slice_steps) if slice_steps else config.train.steps
-    ensure_ray(address, num_cpus=local_cpus(config), metrics_port=config.telemetry.metrics_port)
-    if not config.data.source.url:
+    # The data must be there (and readable with these credentials) before any cluster work.
+    shards = list_shards(config.data.source, options) if config.data.source.url else None
+    ensure_ray(address, num_cpus=local_cpus(config), metrics_port=config.telemetry.metrics_port,
+               metrics_address=config.telemetry.metrics_address)
+    if shards is None:
         url = ensure_sample_shards(config, options, log)
         config = config.model_copy(deep=True)
         config.data.source.url = url
-    shards = list_shards(config.data.source, options)
+        shards = list_shards(config.data.source, options)
     data = config.data.model_copy(update={"epochs": epochs_needed(
         config, config.data.source.url, options)})
     config = config.model_copy(update={"data": data})
@@ -181,17 +224,30 @@ def train(config: PretrainConfig, address: str | None = None,
         dataset_config=ray.train.DataConfig(
             execution_options=ExecutionOptions(preserve_order=True)),
     )
+    from ray.exceptions import RayTaskError
+
+    from ssl_train.energy.node import start_node_meters, stop_node_meters
+
     try:
         if energy is not None:
-            from ssl_train.energy.node import start_node_meters
-
             meters = start_node_meters(energy)  # noqa: F841 (the handles keep them alive)
         trainer.fit()
-    finally:
+    except BaseException as err:
         if energy is not None:
-            from ssl_train.energy.node import stop_node_meters
-
+            try:
+                stop_node_meters(config.run.name)
+            except RayTaskError as also:  # the run's own failure is the one to report
+                log(f"the energy ledger's last part was not saved: {also.cause}")
+        storage = storage_failure(err, run_uri, options) if isinstance(
+            err, ray.train.TrainingFailedError) else None
+        if storage is None:
+            raise
+        raise storage from err
+    if energy is not None:
+        try:
             stop_node_meters(config.run.name)
+        except RayTaskError as err:
+            raise storage_failure(err, run_uri, options) or err from err
     if energy is not None:
         from ssl_train.energy.report import write_report
 

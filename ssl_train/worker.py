@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipelines.cursor import CursorTracker, DataCursor
+from pipelines.cursor import CursorTracker, DataCursor, merge_checkpoint_parts
 from pipelines.storage import StorageOptions
 from ssl_train.checkpoint import (
     checkpoint_dir_name,
@@ -92,15 +92,12 @@ def _average(record: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, values.tolist()))
 
 
-def _global_cursor(tracker: CursorTracker, exhausted: bool) -> DataCursor:
-    """The cursor every rank agrees on: the earliest shard any rank is still reading."""
-    mine = tracker.cursor_at_end_of_stream() if exhausted else tracker.cursor()
-    position = (mine.epoch, mine.shards_consumed)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, position)
-        position = min(everyone)
-    return DataCursor(seed=mine.seed, epoch=position[0], shards_consumed=position[1])
+def _gather_objects(value: Any) -> list[Any]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
 
 
 def _gather_rows(x: torch.Tensor) -> torch.Tensor:
@@ -217,18 +214,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
 
-    step, cursor = 0, DataCursor(seed=config.data.seed)
+    step, cursor, samples_replayed = 0, DataCursor(seed=config.data.seed), 0
     resume_uri = _broadcast(latest_complete_checkpoint(run_uri, options) if is_chief else None)
     if resume_uri:
         with local_copy(resume_uri, options) as local_dir:
-            state = load_checkpoint(local_dir, model, optimizer)
+            state = load_checkpoint(local_dir, model, optimizer, resume_uri)
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
         cursor = DataCursor.from_dict(state["cursor"])
+        replaying = int(state.get("samples_in_flight", 0))
+        samples_replayed = int(state.get("samples_replayed", 0)) + replaying
         if is_chief:
             _say(f"resumed from {resume_uri} at step {step} (data cursor: epoch "
                  f"{cursor.epoch}, {cursor.shards_consumed} shards consumed; "
-                 f"{state.get('samples_in_flight', 0)} samples of shards in flight are read again)")
+                 f"{replaying} samples of shards in flight are read again)")
     log = MetricsLog(run_uri, options, resume_step=step) if is_chief else None
     telemetry = TrainingTelemetry(config.run.name, rank, ray.get_runtime_context().get_node_id())
     if resume_uri:
@@ -239,7 +238,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if log is not None:
         log.append({"step": step, "event": "resumed" if resume_uri else "started",
-                    "checkpoint": resume_uri, "world_size": world, "nodes": nodes})
+                    "checkpoint": resume_uri, "world_size": world, "nodes": nodes,
+                    "samples_replayed": samples_replayed})
 
     energy = EnergySettings(**loop_config["energy"]) if loop_config.get("energy") else None
     if energy is not None:
@@ -264,16 +264,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def checkpoint() -> None:
         save_started = time.perf_counter()
-        global_cursor = _global_cursor(tracker, exhausted)
-        # The samples of shards still being read, summed over ranks: read again on resume.
-        in_flight = _average({"n": float(tracker.samples_replayed_on_resume)})["n"] * world
+        # The samples of shards some rank has not finished are read again on resume: counted.
+        global_cursor, in_flight, consumed = merge_checkpoint_parts(
+            tracker.seed, _gather_objects(tracker.checkpoint_part(exhausted)))
+        tracker.close_before(global_cursor)
         with tempfile.TemporaryDirectory(prefix="ssl-ckpt-") as tmp:
             save_checkpoint(Path(tmp), model, optimizer, {
                 "step": step, "scheduler": scheduler.state_dict(),
-                "cursor": global_cursor.to_dict(), "samples_in_flight": int(in_flight),
-                "config": config.model_dump(mode="json"),
+                "cursor": global_cursor.to_dict(), "samples_in_flight": in_flight,
+                "samples_replayed": samples_replayed, "config": config.model_dump(mode="json"),
             })
             if log is not None:
+                log.append({"step": step, "event": "checkpoint",
+                            "checkpoint": checkpoint_dir_name(step),
+                            "samples_by_shard": consumed, "samples_in_flight": in_flight})
                 log.sync()
             state = json.loads((Path(tmp) / "train_state.json").read_text()) if is_chief else {}
             size = sum(f["bytes"] for f in state.get("files", {}).values())

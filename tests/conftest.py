@@ -20,6 +20,20 @@ from pipelines.sample_images import sample_photographs
 from ssl_train.config import load_config
 
 
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="also run the long variants of the reliability suite (marked full)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--full"):
+        return
+    skip = pytest.mark.skip(reason="a long variant: run with --full (make reliability)")
+    for item in items:
+        if "full" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def photographs():
     """scikit-image's sample photographs (RGB), at least 64 px on the short side."""

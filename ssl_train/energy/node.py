@@ -278,9 +278,11 @@ def stop_node_meters(run: str, timeout: float = 60.0) -> None:
     import ray
 
     meters = run_meters(run)
-    ray.get([meter.stop.remote() for meter in meters], timeout=timeout)
-    for meter in meters:
-        ray.kill(meter)
+    try:
+        ray.get([meter.stop.remote() for meter in meters], timeout=timeout)
+    finally:  # a ledger that cannot be uploaded must not leave its meter running
+        for meter in meters:
+            ray.kill(meter)
 
 
 # (session, stage) -> the meter this process registered with; the handle keeps a meter this

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from pipelines.cursor import DataCursor, epoch_order
+from pipelines.cursor import DataCursor, epoch_order, merge_checkpoint_parts
 from pipelines.ingest import IngestConfig, ingest
 from pipelines.shards import ShardError, iter_shard_samples
 from pipelines.stream import DataConfig, DataStage
@@ -109,9 +109,11 @@ def test_cursor_resume_skips_consumed_shards_and_completes_the_epoch(shards_on_s
         seen_first += len(batch["position"])
         if seen_first >= samples[0] + samples[1] + 1:  # two shards and one sample of the third
             break
-    cursor = DataCursor.from_dict(json.loads(json.dumps(tracker.cursor().to_dict())))
+    cursor, in_flight, consumed = merge_checkpoint_parts(7, [tracker.checkpoint_part(False)])
+    cursor = DataCursor.from_dict(json.loads(json.dumps(cursor.to_dict())))
     assert cursor == DataCursor(seed=7, epoch=0, shards_consumed=2)
-    assert tracker.samples_replayed_on_resume >= 1
+    assert in_flight == seen_first - samples[0] - samples[1]  # the third shard's, read again
+    assert consumed == {"0:0": samples[0], "0:1": samples[1], "0:2": in_flight}
 
     resumed = DataStage(config, IMAGE_SIZE, cursor=cursor)
     out = _drain(resumed, batch_size=2)

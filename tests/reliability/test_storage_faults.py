@@ -1,0 +1,143 @@
+"""Object storage that fails: 5xx answers, throttling, dropped connections and slow responses,
+injected by a proxy on 127.0.0.1 in front of the moto S3 server, on reads and on checkpoint
+writes. Transient faults are retried and the run completes; an outage ends the run with one
+clear sentence after bounded retries, and its last complete checkpoint is intact."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import threading
+import time
+
+import pytest
+import ray
+
+from pipelines.sample_images import sample_photograph_dir
+from pipelines.shards import shard_name, write_shard
+from pipelines.storage import StorageOptions, StorageUnavailable
+from pipelines.stream import DataConfig, DataStage
+from ssl_train.checkpoint import (
+    is_complete,
+    latest_complete_checkpoint,
+    list_checkpoints,
+    local_copy,
+    verify_checkpoint,
+)
+from ssl_train.config import load_config
+from ssl_train.launcher import train
+from tests.reliability.conftest import tiny_overrides
+from tests.reliability.faultproxy import READS, WRITES, Fault
+
+pytestmark = pytest.mark.reliability
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+          "hubble_deep_field.jpg", "brick.png", "grass.png")
+
+
+def _put_shards(direct, prefix: str, per_shard: int = 2) -> int:
+    """The photographs as WebDataset shards under ``prefix`` (straight to the server)."""
+    folder = sample_photograph_dir()
+    samples = [(name.split(".")[0], name.split(".")[1], (folder / name).read_bytes(), {})
+               for name in PHOTOS]
+    for index in range(0, len(samples), per_shard):
+        sink = io.BytesIO()
+        write_shard(sink, samples[index:index + per_shard])
+        direct.pipe(f"{prefix}/{shard_name(index // per_shard)}", sink.getvalue())
+    return len(samples)
+
+
+def _transient_faults(methods, share: float, limit: int = 3) -> list[Fault]:
+    """Each kind of transient fault on ``share`` of the requests of ``methods``, ``limit`` times."""
+    return [Fault("error", methods, share=share, limit=limit, code="SlowDown"),
+            Fault("error", methods, share=share, limit=limit, code="InternalError"),
+            Fault("error", methods, share=share, limit=limit, code="ServiceUnavailable"),
+            Fault("reset", methods, share=share, limit=limit),
+            Fault("slow", methods, share=share, limit=limit, delay_s=0.5)]
+
+
+def _by_kind(faults: list[Fault]) -> dict[str, int]:
+    return {(f.code if f.kind == "error" else f.kind): f.fired for f in faults}
+
+
+def test_shard_reads_retry_through_errors_resets_and_slow_responses(faulty_s3, ray_local,
+                                                                      figures):
+    proxy, bucket, direct = faulty_s3
+    total = _put_shards(direct, f"{bucket[5:]}/shards", per_shard=1)
+    faults = [proxy.add(fault) for fault in _transient_faults(READS, share=0.25)]
+    stage = DataStage(DataConfig.model_validate({"source": {"url": f"{bucket}/shards"},
+                                                 "epochs": 4}), 32)
+    emitted = sum(len(batch["view_a"]) for batch in stage.iter_batches(batch_size=4))
+    counters = stage.counters()
+    # Every image of every epoch arrives; no shard was given up on.
+    assert emitted == 4 * total
+    assert counters.get("shard_errors", 0) == 0
+    assert all(fault.fired for fault in faults), _by_kind(faults)
+    figures(requests=proxy.requests, faults_injected=_by_kind(faults), images=emitted)
+
+
+def test_a_run_completes_through_faults_on_reads_and_checkpoint_writes(faulty_s3, ray_local,
+                                                                         figures):
+    proxy, bucket, direct = faulty_s3
+    _put_shards(direct, f"{bucket[5:]}/shards")
+    config = load_config("tiny-cpu", tiny_overrides(
+        f"run.output_dir={bucket}/runs", "run.name=faulty", f"data.source.url={bucket}/shards",
+        "train.steps=6", "train.checkpoint_every=3", "energy.upload_every_seconds=2"))
+    faults = [proxy.add(fault) for fault in _transient_faults(READS | WRITES, share=0.05)]
+    writes = proxy.add(Fault("error", WRITES, path="checkpoint_", share=0.3, code="SlowDown"))
+    run_uri = train(config, log=lambda line: None)
+    proxy.clear()
+    checkpoints = list_checkpoints(run_uri)
+    assert [c.rsplit("_", 1)[1] for c in checkpoints] == ["000000006", "000000003"]
+    assert all(is_complete(c) for c in checkpoints)
+    with local_copy(checkpoints[0]) as local:
+        assert verify_checkpoint(local)["step"] == 6
+    records = [json.loads(line) for line in direct.cat_file(
+        f"{bucket[5:]}/runs/faulty/metrics.jsonl").splitlines()]
+    assert [r["step"] for r in records if "event" not in r] == [1, 2, 3, 4, 5, 6]
+    assert writes.fired > 0, "no checkpoint write was failed: the test proves nothing"
+    figures(requests=proxy.requests, faults_injected={**_by_kind(faults),
+                                                      "SlowDown on checkpoint writes": writes.fired})
+
+
+def _start_outage_after(proxy, direct, checkpoint: str, outage: list, deadline: float):
+    """Turn every request into a 503 once ``checkpoint`` is completely written."""
+    server = StorageOptions(endpoint_url=direct.endpoint_url)
+    while time.time() < deadline and not is_complete(f"s3://{checkpoint}", server):
+        time.sleep(0.2)
+    outage.append((time.time(), proxy.add(Fault("error", READS | WRITES,
+                                                code="ServiceUnavailable"))))
+
+
+def test_an_outage_ends_the_run_clearly_and_keeps_the_last_checkpoint(faulty_s3, ray_local,
+                                                                       figures):
+    proxy, bucket, direct = faulty_s3
+    _put_shards(direct, f"{bucket[5:]}/shards")
+    config = load_config("tiny-cpu", tiny_overrides(
+        f"run.output_dir={bucket}/runs", "run.name=outage", f"data.source.url={bucket}/shards",
+        "train.steps=40", "train.checkpoint_every=2", "train.max_failures=1"))
+    outage: list = []
+    watcher = threading.Thread(target=_start_outage_after, daemon=True, args=(
+        proxy, direct, f"{bucket[5:]}/runs/outage/checkpoint_000000004", outage,
+        time.time() + 300))
+    watcher.start()
+    lines: list[str] = []
+    with pytest.raises(StorageUnavailable) as raised:
+        train(config, options=StorageOptions(max_attempts=2), log=lines.append)
+    stopped = time.time()
+    message = str(raised.value)
+    assert outage, "the outage never started"
+    started, fault = outage[0]
+    assert "the run stopped" in message and "kept failing" in message, message
+    assert "rerun the same command" in message and "testing-secret" not in message
+    assert "\n" not in message
+
+    proxy.clear()
+    latest = latest_complete_checkpoint(f"{bucket}/runs/outage")
+    assert latest is not None and int(latest.rsplit("_", 1)[1]) >= 4
+    with local_copy(latest) as local:
+        step = verify_checkpoint(local)["step"]  # every file matches its recorded digest
+    figures(outage_to_stop_seconds=round(stopped - started, 1), requests_refused=fault.fired,
+            last_checkpoint_step=step)
