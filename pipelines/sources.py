@@ -18,13 +18,19 @@ from pydantic import Field
 
 from pipelines.settings import StrictSection
 from pipelines.shards import DEFAULT_MAX_MEMBER_BYTES, ReadStats, iter_shard_samples
-from pipelines.storage import StorageError, StorageOptions, open_filesystem, storage_call
+from pipelines.storage import (
+    StorageError,
+    StorageOptions,
+    StorageUrl,
+    open_filesystem,
+    storage_call,
+)
 
 RAW_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".gif", ".bmp")
 
 
 class SourceConfig(StrictSection):
-    url: str = ""
+    url: StorageUrl = ""
     format: Literal["webdataset", "parquet", "images"] = "webdataset"
     image_column: Annotated[str, Field(min_length=1)] = "image"
     images_per_shard: Annotated[int, Field(ge=1)] = 256

@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import fsspec
+from pydantic import AfterValidator
 from fsspec.core import url_to_fs
 
 
@@ -86,6 +88,22 @@ class StorageOptions:
         """Where ``url`` lives, for messages: the endpoint but never a credential."""
         endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
         return f"{url} (endpoint {endpoint})" if endpoint and is_remote(url) else url
+
+
+CREDENTIALS_IN_URL = "must not carry credentials"
+
+
+def refuse_credentials_in_url(url: str) -> str:
+    """``url`` unchanged if it has no ``user:password@`` part (a pydantic validator)."""
+    # user@ or user:password@ right after the scheme (a secret may hold a raw "/").
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://(?:[^/@]*:[^@]*|[^/@:]+)@", url):
+        raise ValueError(f"{CREDENTIALS_IN_URL} (user:password@): give them in "
+                         "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or a Kubernetes Secret")
+    return url
+
+
+# A storage location in a config: never with credentials, which would be printed and saved.
+StorageUrl = Annotated[str, AfterValidator(refuse_credentials_in_url)]
 
 
 def is_remote(url: str) -> bool:

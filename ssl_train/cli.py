@@ -11,7 +11,6 @@ import re
 import shlex
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from pipelines.storage import StorageError
 from ssl_train.config import ConfigError, dump_config, load_config, packaged_config_names
@@ -96,6 +95,16 @@ def _add_storage_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--storage-attempts", type=_positive_int, default=8, metavar="N",
                        help="attempts per storage request, with exponential backoff, before a "
                        "failing or throttling store stops the command (default 8)")
+
+
+def _storage_url(text: str) -> str:
+    """A path or URL argument, refused if it carries credentials (they would be logged)."""
+    from pipelines.storage import refuse_credentials_in_url
+
+    try:
+        return refuse_credentials_in_url(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -187,8 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = commands.add_parser(
         "ingest", help="turn a folder or prefix of raw images into quality-filtered shards"
     )
-    ingest.add_argument("src", help="folder or prefix of raw images (local path or fsspec URL)")
-    ingest.add_argument("dest", help="prefix to write WebDataset tar shards to")
+    ingest.add_argument("src", type=_storage_url, help="folder or prefix of raw images (local path or fsspec URL)")
+    ingest.add_argument("dest", type=_storage_url, help="prefix to write WebDataset tar shards to")
     size = ingest.add_mutually_exclusive_group()
     size.add_argument("--samples-per-shard", type=int, help="images per shard")
     size.add_argument("--shard-size", type=_byte_size, default=256 * 1024**2,
@@ -226,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=cmd_train)
 
     evaluate = commands.add_parser("eval", help="kNN and linear-probe accuracy of a checkpoint")
-    evaluate.add_argument("checkpoint", help="checkpoint directory (local path or fsspec URL)")
+    evaluate.add_argument("checkpoint", type=_storage_url, help="checkpoint directory (local path or fsspec URL)")
     evaluate.add_argument("--data", default="digits",
                           help="labelled data: 'digits' (scikit-learn's, default), a folder with "
                           "one sub-folder per class, or a folder of WebDataset shards with a cls "
@@ -245,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=cmd_eval)
 
     export = commands.add_parser("export", help="write the encoder alone as timm safetensors")
-    export.add_argument("checkpoint", help="checkpoint directory (local path or fsspec URL)")
+    export.add_argument("checkpoint", type=_storage_url, help="checkpoint directory (local path or fsspec URL)")
     export.add_argument("out", help="output directory")
     _add_storage_arguments(export)
     export.set_defaults(handler=cmd_export)
@@ -253,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     energy = commands.add_parser(
         "energy-report", help="energy and carbon report of a run from its ledger"
     )
-    energy.add_argument("run_dir", help="run directory (local path or fsspec URL)")
+    energy.add_argument("run_dir", type=_storage_url, help="run directory (local path or fsspec URL)")
     energy.add_argument("--out", help="write the report here instead of into RUN_DIR")
     _add_storage_arguments(energy)
     energy.set_defaults(handler=cmd_energy_report)

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from pipelines.settings import StrictSection
+from pipelines.storage import CREDENTIALS_IN_URL, StorageUrl
 from pipelines.stream import DataConfig
 
 PACKAGED_CONFIG_DIR = Path(__file__).parent / "configs"
@@ -157,19 +158,16 @@ class ParallelConfig(StrictSection):
 class RunConfig(StrictSection):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "run"
     # Where run directories live: a local path or an fsspec URL such as s3://bucket/runs.
-    output_dir: Annotated[str, Field(min_length=1)] = "runs"
+    output_dir: Annotated[StorageUrl, Field(min_length=1)] = "runs"
 
 
 class TelemetryConfig(StrictSection):
     """Metrics export and the representation-health monitor."""
 
     # Ray's metrics port on a local cluster (a cluster's nodes use theirs, e.g. KubeRay's
-    # `metrics` port). The endpoint exposes metric values and run names, nothing else.
+    # `metrics` port). The endpoint exposes metric values and run names, nothing else. Ray binds
+    # it to every interface (to loopback only when the node's own address is loopback).
     metrics_port: Annotated[int, Field(ge=1024, le=65535)] | None = 8090
-    # The address a local cluster's metrics endpoint binds to: this machine only, or every
-    # interface (for a Prometheus elsewhere). Ray offers no other choice; a cluster's nodes bind
-    # to their pod or host address, reachable by whatever may reach the node.
-    metrics_address: Literal["127.0.0.1", "0.0.0.0"] = "127.0.0.1"
     # Every this many steps, embeddings of a held batch feed std, rank, alignment, uniformity.
     health_every: PositiveInt = 10
     # A labelled monitor set for a kNN accuracy of frozen features at the same cadence:
@@ -336,7 +334,7 @@ def _describe(error: dict[str, Any]) -> str:
         return message  # a cross-field check that names its keys itself
     if "input" in error and error["type"] not in ("missing",) and not isinstance(
         error["input"], dict
-    ):
+    ) and CREDENTIALS_IN_URL not in message:  # never echo a secret back
         message = f"{message} (got {error['input']!r})"
     return f"{key}: {message}" if key else message
 

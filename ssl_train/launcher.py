@@ -155,8 +155,7 @@ def train(config: PretrainConfig, address: str | None = None,
     stop_step = min(config.train.steps, done + slice_steps) if slice_steps else config.train.steps
     # The data must be there (and readable with these credentials) before any cluster work.
     shards = list_shards(config.data.source, options) if config.data.source.url else None
-    ensure_ray(address, num_cpus=local_cpus(config), metrics_port=config.telemetry.metrics_port,
-               metrics_address=config.telemetry.metrics_address)
+    ensure_ray(address, num_cpus=local_cpus(config), metrics_port=config.telemetry.metrics_port)
     if shards is None:
         url = ensure_sample_shards(config, options, log)
         config = config.model_copy(deep=True)

@@ -277,7 +277,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if log is not None:
                 log.append({"step": step, "event": "checkpoint",
                             "checkpoint": checkpoint_dir_name(step),
-                            "samples_by_shard": consumed, "samples_in_flight": in_flight})
+                            "cursor": global_cursor.to_dict(), "samples_by_shard": consumed,
+                            "samples_in_flight": in_flight})
                 log.sync()
             state = json.loads((Path(tmp) / "train_state.json").read_text()) if is_chief else {}
             size = sum(f["bytes"] for f in state.get("files", {}).values())

@@ -36,7 +36,8 @@ class Fault:
     """One kind of fault on the requests it matches.
 
     ``kind`` is ``"error"`` (answer with the S3 error ``code``), ``"reset"`` (drop the
-    connection with a TCP reset) or ``"slow"`` (forward after ``delay_s``). ``share`` of the
+    connection with a TCP reset), ``"slow"`` (forward after ``delay_s``) or ``"stall"`` (hold
+    the request ``delay_s``, then drop it: it never reaches storage). ``share`` of the
     matching requests are hit (1.0: every one, an outage); ``limit`` caps how many.
     """
 
@@ -79,7 +80,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body()  # read first: the client's connection stays usable after an error
         fault = proxy.pick(self.command, self.path)
         proxy.count_request(self.command)
-        if fault is not None and fault.kind == "reset":
+        if fault is not None and fault.kind == "stall":
+            time.sleep(fault.delay_s)
+        if fault is not None and fault.kind in ("reset", "stall"):
             self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.close_connection = True
             return

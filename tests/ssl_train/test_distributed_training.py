@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -218,40 +216,6 @@ def test_is_complete_rejects_truncated_and_missing_state(tmp_path, ray_local):
     shard.write_bytes(shard.read_bytes()[:-10])
     assert not is_complete(str(checkpoint))
     assert not is_complete(str(tmp_path / "nothing-here"))
-
-
-# ---------------------------------------------------------------- a worker killed mid-run
-
-def _kill_a_worker_after(run_dir: Path, checkpoint: str, killed: list, deadline: float):
-    import psutil
-
-    while time.time() < deadline and not (run_dir / checkpoint / "train_state.json").exists():
-        time.sleep(0.2)
-    for process in psutil.process_iter(["cmdline"]):
-        if any("RayTrainWorker" in part for part in (process.info["cmdline"] or [])):
-            process.kill()
-            killed.append(process.pid)
-            return
-
-
-def test_a_killed_worker_is_restarted_from_the_last_checkpoint(tmp_path, ray_local):
-    config = _config(tmp_path, "train.steps=24", "train.checkpoint_every=4",
-                     "run.name=killed", "train.max_failures=2")
-    run_dir = Path(tmp_path, "killed")
-    killed: list[int] = []
-    killer = threading.Thread(target=_kill_a_worker_after, daemon=True,
-                              args=(run_dir, "checkpoint_000000008", killed, time.time() + 300))
-    killer.start()
-    train(config, log=lambda line: None)
-    killer.join(timeout=5)
-    assert killed, "no training worker was found to kill"
-    records = _records(run_dir)
-    assert _steps(records) == list(range(1, 25))
-    events = _events(records)
-    assert [e["event"] for e in events] == ["started", "resumed"]
-    assert events[1]["step"] >= 8
-    assert json.loads(Path(run_dir, "checkpoint_000000024", "train_state.json").read_text())[
-        "step"] == 24
 
 
 # ---------------------------------------------------------------- two nodes
