@@ -160,7 +160,10 @@ def explain(err: BaseException, url: str, options: StorageOptions | None = None)
     name = type(err).__name__
     text = str(err)
     unavailable = unavailable_reason(err)
-    if "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
+    codes = {getattr(link, "response", {}).get("Error", {}).get("Code", "")
+             for link in _chain(err) if isinstance(getattr(link, "response", None), dict)}
+    if {"InvalidAccessKeyId", "SignatureDoesNotMatch"} & (codes | set(text.split())) or (
+            "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text):
         return StorageError(f"the credentials for {where} were rejected: check the key and secret")
     if name in ("NoCredentialsError", "PartialCredentialsError"):
         return StorageError(

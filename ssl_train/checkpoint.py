@@ -162,9 +162,11 @@ def verify_checkpoint(local_dir: Path, name: str | None = None) -> dict[str, Any
 
 def _load(state: dict[str, Any], local_dir: Path, name: str | None, **kwargs: Any) -> dict:
     train_state = verify_checkpoint(local_dir, name)
+    reader = _SafeReader(str(local_dir))
     try:
-        dcp.load(state, storage_reader=_SafeReader(str(local_dir)),
-                 planner=_WeightsOnlyPlanner(), **kwargs)
+        # Refused here, before DCP's fallbacks log the error and rewrap it as an AssertionError.
+        reader.read_metadata()
+        dcp.load(state, storage_reader=reader, planner=_WeightsOnlyPlanner(), **kwargs)
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"checkpoint {name or local_dir} is refused: {err}") from None
     except CheckpointException as err:
@@ -232,8 +234,15 @@ def latest_complete_checkpoint(run_uri: str, options: StorageOptions | None = No
 
 
 def read_train_state(uri: str, options: StorageOptions | None = None) -> dict[str, Any]:
+    """The train state of the checkpoint at ``uri``; a missing or unreadable one is refused."""
     fs, path = open_filesystem(uri, options)
-    return json.loads(storage_call(uri, options, fs.cat_file, posixpath.join(path, TRAIN_STATE)))
+    text = storage_call(f"{uri.rstrip('/')}/{TRAIN_STATE}", options, fs.cat_file,
+                        posixpath.join(path, TRAIN_STATE))
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {uri} has no readable {TRAIN_STATE} ({err}): it is "
+                              "incomplete; load another one") from None
 
 
 @contextmanager

@@ -322,7 +322,15 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     try:
         node[parts[-1]] = yaml.safe_load(value_text) if value_text.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {key}: value {value_text!r} is not valid YAML ({err})") from None
+        raise ConfigError(f"--set {key}: value {value_text!r} is not valid YAML "
+                          f"({yaml_problem(err)})") from None
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line, e.g. "expected ',' or '}' at line 2, column 1"."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(err, 'problem', None) or err}{where}"
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -361,7 +369,7 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"config {path} is not valid YAML: {yaml_problem(err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must be a YAML mapping of sections")
     for assignment in overrides:

@@ -368,7 +368,7 @@ def _dump(documents: list[dict]) -> str:
 
 def load_params(path: str | None) -> K8sConfig:
     """The cluster shape from a params YAML (defaults when none is given)."""
-    from ssl_train.config import ConfigError, validate_section
+    from ssl_train.config import ConfigError, validate_section, yaml_problem
 
     if path is None:
         return K8sConfig()
@@ -377,7 +377,7 @@ def load_params(path: str | None) -> K8sConfig:
     except OSError as err:
         raise ConfigError(f"params file {path} cannot be read: {err.strerror}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"params file {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"params file {path} is not valid YAML: {yaml_problem(err)}") from None
     return validate_section(K8sConfig, raw, f"params {Path(path).name}")
 
 

@@ -29,7 +29,7 @@ from pipelines.storage import (
     storage_call,
     unavailable_reason,
 )
-from ssl_train.checkpoint import latest_complete_checkpoint, read_train_state
+from ssl_train.checkpoint import CheckpointError, latest_complete_checkpoint, read_train_state
 from ssl_train.config import PretrainConfig
 
 SAMPLE_SHARDS = "sample-shards"
@@ -105,6 +105,17 @@ def energy_settings(config: PretrainConfig, run_uri: str, options: StorageOption
     )
 
 
+def check_run_directory(run_uri: str, options: StorageOptions) -> None:
+    """Fail before any cluster work if the run directory cannot be written (no such bucket,
+    read-only credentials)."""
+    fs, path = open_filesystem(run_uri, options)
+    if not is_remote(run_uri):
+        storage_call(run_uri, options, fs.makedirs, path, exist_ok=True)
+    probe = f"{path.rstrip('/')}/.write-check"  # s3fs's makedirs would create a bucket: not used
+    storage_call(run_uri, options, fs.pipe_file, probe, b"")
+    storage_call(run_uri, options, fs.rm_file, probe)
+
+
 def _causes(err: BaseException):
     """``err`` and everything it wraps: Ray Train's per-worker failures, Ray's task errors."""
     pending, seen = [err], set()
@@ -131,7 +142,7 @@ def storage_failure(err: BaseException, run_uri: str,
             break
     else:
         return None
-    kept = "" if isinstance(found, StorageUnavailable) else (
+    kept = "" if isinstance(found, (StorageUnavailable, CheckpointError)) else (
         "; checkpoints already written are kept and the same command resumes from the last one")
     return type(found)(f"the run stopped: {found}{kept}")
 
@@ -155,6 +166,7 @@ def train(config: PretrainConfig, address: str | None = None,
     stop_step = min(config.train.steps, done + slice_steps) if slice_steps else config.train.steps
     # The data must be there (and readable with these credentials) before any cluster work.
     shards = list_shards(config.data.source, options) if config.data.source.url else None
+    check_run_directory(run_uri, options)
     ensure_ray(address, num_cpus=local_cpus(config), metrics_port=config.telemetry.metrics_port)
     if shards is None:
         url = ensure_sample_shards(config, options, log)

@@ -71,11 +71,11 @@ def _flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def _record_digests(checkpoint: Path, step: int = 0) -> None:
+def _record_digests(checkpoint: Path) -> None:
     """Write or rewrite train_state.json so that it lists every other file at its current digest,
     as an attacker who can write the whole checkpoint would."""
     state_path = checkpoint / "train_state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"step": step}
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"step": 0}
     state["files"] = {
         path.name: {"bytes": path.stat().st_size,
                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
@@ -91,19 +91,19 @@ def _one_error_line(stderr: str, command: str) -> str:
     return lines[0]
 
 
-def _steps(run_dir: Path) -> list[int]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["step"] for r in records if "event" not in r]
-
-
-# ---------------------------------------------------------------- a changed byte
-
 def _ssl_pretrain(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """The installed command, as a user runs it (its stderr is all a user sees)."""
     executable = Path(sys.executable).parent / "ssl-pretrain"
     return subprocess.run([str(executable), *args], capture_output=True, text=True, timeout=300,
                           cwd=cwd)
 
+
+def _steps(run_dir: Path) -> list[int]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if "event" not in r]
+
+
+# ---------------------------------------------------------------- a changed byte
 
 def test_eval_refuses_a_shard_file_with_one_byte_changed(run_dir, tmp_path):
     checkpoint = run_dir / CHECKPOINT
