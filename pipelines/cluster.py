@@ -11,13 +11,11 @@ import os
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None,
-               metrics_port: int | None = None, metrics_address: str = "127.0.0.1"):
+               metrics_port: int | None = None):
     """The ``ray`` module, initialised once per process.
 
-    ``num_cpus``, ``metrics_port`` and ``metrics_address`` (Ray's Prometheus endpoint on this
-    node) apply only when a local instance is started; a cluster's nodes were configured when
-    they started. Ray binds that endpoint to 127.0.0.1 only when the node's address is
-    127.0.0.1, so a loopback ``metrics_address`` makes it the node's address.
+    ``num_cpus`` and ``metrics_port`` (Ray's Prometheus port on this node) apply only when a
+    local instance is started; a cluster's nodes were configured when they started.
     """
     import ray
 
@@ -26,8 +24,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
         local = {"num_cpus": num_cpus} if not address else {}
         if not address and metrics_port:
             local["_metrics_export_port"] = metrics_port
-        if not address and metrics_address == "127.0.0.1":
-            local["_node_ip_address"] = "127.0.0.1"
         ray.init(address=address, logging_level=logging.WARNING, configure_logging=True,
                  **local)
     return ray

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import fsspec
-from pydantic import AfterValidator
 from fsspec.core import url_to_fs
+from pydantic import AfterValidator
 
 
 class StorageError(RuntimeError):
@@ -35,6 +35,8 @@ class StorageUnavailable(StorageError):
 # S3 error codes that mean "try again later" (besides any HTTP 5xx status).
 _RETRYABLE_CODES = frozenset({"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
                               "Throttling", "ThrottlingException", "RequestLimitExceeded"})
+# S3 error codes for a key that does not exist or a secret that does not match it.
+_REJECTED_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch"})
 # s3fs turns SlowDown and ServiceUnavailable into EBUSY, InternalError into EREMOTEIO.
 _S3FS_RETRYABLE_ERRNOS = frozenset({errno.EBUSY, errno.EREMOTEIO})
 # Transport failures, by class name: botocore's, aiohttp's and the standard library's.
@@ -133,23 +135,30 @@ def _chain(err: BaseException):
         err = err.__cause__ or err.__context__
 
 
-def unavailable_reason(err: BaseException) -> str | None:
-    """Why storage looks unavailable (a retryable failure) in ``err``'s chain, or None."""
+def _responses(err: BaseException):
+    """(S3 error code, HTTP status) of each botocore response in ``err``'s chain."""
     for link in _chain(err):
         response = getattr(link, "response", None)
         if isinstance(response, dict):
-            code = response.get("Error", {}).get("Code", "")
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if code in _RETRYABLE_CODES or status >= 500:
-                return f"{code or 'HTTP'} {status}".strip()
+            yield (response.get("Error", {}).get("Code", ""),
+                   response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def unavailable_reason(err: BaseException) -> str | None:
+    """Why storage looks unavailable (a retryable failure) in ``err``'s chain, or None."""
+    for code, status in _responses(err):
+        if code in _RETRYABLE_CODES or status >= 500:
+            return f"{code or 'HTTP'} {status}".strip()
+    for link in _chain(err):
         if type(link).__name__ in _TRANSPORT_ERRORS or isinstance(link, (ConnectionError,
                                                                           TimeoutError)):
             return type(link).__name__
         # s3fs's translation of those codes, whose cause is lost once it crossed processes.
         if isinstance(link, OSError) and link.errno in _S3FS_RETRYABLE_ERRNOS:
             return f"{link.strerror or link}"
-        if any(f"({code})" in str(link) for code in _RETRYABLE_CODES):
-            return next(code for code in _RETRYABLE_CODES if f"({code})" in str(link))
+        code = next((code for code in _RETRYABLE_CODES if f"({code})" in str(link)), None)
+        if code:
+            return code
     return None
 
 
@@ -159,11 +168,8 @@ def explain(err: BaseException, url: str, options: StorageOptions | None = None)
     where = options.describe(url)
     name = type(err).__name__
     text = str(err)
-    unavailable = unavailable_reason(err)
-    codes = {getattr(link, "response", {}).get("Error", {}).get("Code", "")
-             for link in _chain(err) if isinstance(getattr(link, "response", None), dict)}
-    if {"InvalidAccessKeyId", "SignatureDoesNotMatch"} & (codes | set(text.split())) or (
-            "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text):
+    codes = {code for code, _ in _responses(err)}
+    if codes & _REJECTED_CODES or any(code in text for code in _REJECTED_CODES):
         return StorageError(f"the credentials for {where} were rejected: check the key and secret")
     if name in ("NoCredentialsError", "PartialCredentialsError"):
         return StorageError(
@@ -175,6 +181,7 @@ def explain(err: BaseException, url: str, options: StorageOptions | None = None)
     ):
         return StorageUnavailable(
             f"cannot reach storage for {where}: check the endpoint and network")
+    unavailable = unavailable_reason(err)
     if unavailable:
         return StorageUnavailable(
             f"storage for {where} kept failing ({unavailable}) through {options.max_attempts} "

@@ -141,11 +141,10 @@ def verify_checkpoint(local_dir: Path, name: str | None = None) -> dict[str, Any
     """The train state of a checkpoint whose files all match their recorded SHA-256."""
     name = name or str(local_dir)
     try:
-        state = json.loads((local_dir / TRAIN_STATE).read_text())
+        state = _parse_train_state((local_dir / TRAIN_STATE).read_bytes(), name)
         files = state["files"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {name} has no readable {TRAIN_STATE} ({err}): it is "
-                              "incomplete; load another one") from None
+    except (OSError, KeyError, TypeError) as err:
+        raise _unreadable_train_state(name, err) from None
     if ".metadata" not in files:
         raise CheckpointError(f"checkpoint {name} lists no .metadata: load another one")
     for file_name, expected in sorted(files.items()):
@@ -238,11 +237,19 @@ def read_train_state(uri: str, options: StorageOptions | None = None) -> dict[st
     fs, path = open_filesystem(uri, options)
     text = storage_call(f"{uri.rstrip('/')}/{TRAIN_STATE}", options, fs.cat_file,
                         posixpath.join(path, TRAIN_STATE))
+    return _parse_train_state(text, uri)
+
+
+def _unreadable_train_state(name: str, err: BaseException) -> CheckpointError:
+    return CheckpointError(f"checkpoint {name} has no readable {TRAIN_STATE} ({err}): it is "
+                           "incomplete; load another one")
+
+
+def _parse_train_state(text: bytes, name: str) -> dict[str, Any]:
     try:
         return json.loads(text)
     except ValueError as err:
-        raise CheckpointError(f"checkpoint {uri} has no readable {TRAIN_STATE} ({err}): it is "
-                              "incomplete; load another one") from None
+        raise _unreadable_train_state(name, err) from None
 
 
 @contextmanager

@@ -196,8 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = commands.add_parser(
         "ingest", help="turn a folder or prefix of raw images into quality-filtered shards"
     )
-    ingest.add_argument("src", type=_storage_url, help="folder or prefix of raw images (local path or fsspec URL)")
-    ingest.add_argument("dest", type=_storage_url, help="prefix to write WebDataset tar shards to")
+    ingest.add_argument("src", type=_storage_url,
+                        help="folder or prefix of raw images (local path or fsspec URL)")
+    ingest.add_argument("dest", type=_storage_url,
+                        help="prefix to write WebDataset tar shards to")
     size = ingest.add_mutually_exclusive_group()
     size.add_argument("--samples-per-shard", type=int, help="images per shard")
     size.add_argument("--shard-size", type=_byte_size, default=256 * 1024**2,
@@ -235,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=cmd_train)
 
     evaluate = commands.add_parser("eval", help="kNN and linear-probe accuracy of a checkpoint")
-    evaluate.add_argument("checkpoint", type=_storage_url, help="checkpoint directory (local path or fsspec URL)")
+    evaluate.add_argument("checkpoint", type=_storage_url,
+                          help="checkpoint directory (local path or fsspec URL)")
     evaluate.add_argument("--data", default="digits",
                           help="labelled data: 'digits' (scikit-learn's, default), a folder with "
                           "one sub-folder per class, or a folder of WebDataset shards with a cls "
@@ -254,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=cmd_eval)
 
     export = commands.add_parser("export", help="write the encoder alone as timm safetensors")
-    export.add_argument("checkpoint", type=_storage_url, help="checkpoint directory (local path or fsspec URL)")
+    export.add_argument("checkpoint", type=_storage_url,
+                        help="checkpoint directory (local path or fsspec URL)")
     export.add_argument("out", help="output directory")
     _add_storage_arguments(export)
     export.set_defaults(handler=cmd_export)
@@ -262,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     energy = commands.add_parser(
         "energy-report", help="energy and carbon report of a run from its ledger"
     )
-    energy.add_argument("run_dir", type=_storage_url, help="run directory (local path or fsspec URL)")
+    energy.add_argument("run_dir", type=_storage_url,
+                        help="run directory (local path or fsspec URL)")
     energy.add_argument("--out", help="write the report here instead of into RUN_DIR")
     _add_storage_arguments(energy)
     energy.set_defaults(handler=cmd_energy_report)

@@ -109,9 +109,9 @@ def check_run_directory(run_uri: str, options: StorageOptions) -> None:
     """Fail before any cluster work if the run directory cannot be written (no such bucket,
     read-only credentials)."""
     fs, path = open_filesystem(run_uri, options)
-    if not is_remote(run_uri):
+    if not is_remote(run_uri):  # not for s3: s3fs's makedirs would create a missing bucket
         storage_call(run_uri, options, fs.makedirs, path, exist_ok=True)
-    probe = f"{path.rstrip('/')}/.write-check"  # s3fs's makedirs would create a bucket: not used
+    probe = f"{path.rstrip('/')}/.write-check"
     storage_call(run_uri, options, fs.pipe_file, probe, b"")
     storage_call(run_uri, options, fs.rm_file, probe)
 
@@ -255,13 +255,15 @@ def train(config: PretrainConfig, address: str | None = None,
             raise
         raise storage from err
     if energy is not None:
-        try:
-            stop_node_meters(config.run.name)
-        except RayTaskError as err:
-            raise storage_failure(err, run_uri, options) or err from err
-    if energy is not None:
         from ssl_train.energy.report import write_report
 
+        try:
+            stop_node_meters(config.run.name)
+        except RayTaskError as err:  # the ledger's last upload failed
+            storage = storage_failure(err, run_uri, options)
+            if storage is None:
+                raise
+            raise storage from err
         write_report(run_uri, options, log=log)
     log(f"run directory: {run_uri} (checkpoints, metrics.jsonl, energy ledger and report)")
     return run_uri

@@ -232,10 +232,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     telemetry = TrainingTelemetry(config.run.name, rank, ray.get_runtime_context().get_node_id())
     if resume_uri:
         telemetry.record_restart()
-    nodes = [ray.get_runtime_context().get_node_id()]
-    if world > 1:
-        nodes = [None] * world
-        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    nodes = _gather_objects(ray.get_runtime_context().get_node_id())
     if log is not None:
         log.append({"step": step, "event": "resumed" if resume_uri else "started",
                     "checkpoint": resume_uri, "world_size": world, "nodes": nodes,

@@ -26,7 +26,8 @@ S3_ERRORS = {
     "InternalError": (500, "We encountered an internal error. Please try again."),
     "SlowDown": (503, "Please reduce your request rate."),
     "ServiceUnavailable": (503, "Service is unable to handle request."),
-    "InvalidAccessKeyId": (403, "The AWS Access Key Id you provided does not exist in our records."),
+    "InvalidAccessKeyId": (403, "The AWS Access Key Id you provided does not exist in our "
+                                "records."),
 }
 READS = frozenset({"GET", "HEAD"})
 WRITES = frozenset({"PUT", "POST", "DELETE"})

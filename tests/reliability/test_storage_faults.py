@@ -78,13 +78,19 @@ def test_shard_reads_retry_through_errors_resets_and_slow_responses(faulty_s3, r
     figures(requests=proxy.requests, faults_injected=_by_kind(faults), images=emitted)
 
 
+def _run_on_faulty_s3(direct, bucket: str, name: str, *extra: str):
+    """The photographs as shards in ``bucket`` and a tiny run ``name`` on them, in the bucket."""
+    _put_shards(direct, f"{bucket[5:]}/shards")
+    return load_config("tiny-cpu", tiny_overrides(
+        f"run.output_dir={bucket}/runs", f"run.name={name}", f"data.source.url={bucket}/shards",
+        *extra))
+
+
 def test_a_run_completes_through_faults_on_reads_and_checkpoint_writes(faulty_s3, ray_local,
                                                                          figures):
     proxy, bucket, direct = faulty_s3
-    _put_shards(direct, f"{bucket[5:]}/shards")
-    config = load_config("tiny-cpu", tiny_overrides(
-        f"run.output_dir={bucket}/runs", "run.name=faulty", f"data.source.url={bucket}/shards",
-        "train.steps=6", "train.checkpoint_every=3", "energy.upload_every_seconds=2"))
+    config = _run_on_faulty_s3(direct, bucket, "faulty", "train.steps=6",
+                               "train.checkpoint_every=3", "energy.upload_every_seconds=2")
     faults = [proxy.add(fault) for fault in _transient_faults(READS | WRITES, share=0.05)]
     writes = proxy.add(Fault("error", WRITES, path="checkpoint_", share=0.3, code="SlowDown"))
     run_uri = train(config, log=lambda line: None)
@@ -98,8 +104,8 @@ def test_a_run_completes_through_faults_on_reads_and_checkpoint_writes(faulty_s3
         f"{bucket[5:]}/runs/faulty/metrics.jsonl").splitlines()]
     assert [r["step"] for r in records if "event" not in r] == [1, 2, 3, 4, 5, 6]
     assert writes.fired > 0, "no checkpoint write was failed: the test proves nothing"
-    figures(requests=proxy.requests, faults_injected={**_by_kind(faults),
-                                                      "SlowDown on checkpoint writes": writes.fired})
+    injected = {**_by_kind(faults), "SlowDown on checkpoint writes": writes.fired}
+    figures(requests=proxy.requests, faults_injected=injected)
 
 
 def _start_outage_after(proxy, direct, checkpoint: str, outage: list, deadline: float):
@@ -114,18 +120,15 @@ def _start_outage_after(proxy, direct, checkpoint: str, outage: list, deadline: 
 def test_an_outage_ends_the_run_clearly_and_keeps_the_last_checkpoint(faulty_s3, ray_local,
                                                                        figures):
     proxy, bucket, direct = faulty_s3
-    _put_shards(direct, f"{bucket[5:]}/shards")
-    config = load_config("tiny-cpu", tiny_overrides(
-        f"run.output_dir={bucket}/runs", "run.name=outage", f"data.source.url={bucket}/shards",
-        "train.steps=40", "train.checkpoint_every=2", "train.max_failures=1"))
+    config = _run_on_faulty_s3(direct, bucket, "outage", "train.steps=40",
+                               "train.checkpoint_every=2", "train.max_failures=1")
     outage: list = []
     watcher = threading.Thread(target=_start_outage_after, daemon=True, args=(
         proxy, direct, f"{bucket[5:]}/runs/outage/checkpoint_000000004", outage,
         time.time() + 300))
     watcher.start()
-    lines: list[str] = []
     with pytest.raises(StorageUnavailable) as raised:
-        train(config, options=StorageOptions(max_attempts=2), log=lines.append)
+        train(config, options=StorageOptions(max_attempts=2), log=lambda line: None)
     stopped = time.time()
     message = str(raised.value)
     assert outage, "the outage never started"

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from pipelines.sample_images import digits_images, random_view_batches, sample_photographs
+from pipelines.sample_images import digits_images, random_view_batches
 from ssl_train.checkpoint import save_checkpoint
 from ssl_train.config import load_config
 from ssl_train.evaluate import evaluate_features, labelled_images, load_model
