@@ -30,7 +30,7 @@ from ssl_train.step import normalize_views, train_step
 def timed_steps(config: PretrainConfig, warmup: int, steps: int, distributed: bool) -> list[float]:
     """Step times of the training loop on in-memory views (inside Ray Train if distributed)."""
     from ssl_train.parallel import apply_parallelism
-    from ssl_train.worker import global_mask_noise
+    from ssl_train.worker import global_mask_order
 
     torch.manual_seed(0)
     model = HybridSSL(config.model, config.loss)
@@ -46,7 +46,7 @@ def timed_steps(config: PretrainConfig, warmup: int, steps: int, distributed: bo
     for step, batch in enumerate(views):
         started = time.perf_counter()
         train_step(model, optimizer, scheduler, batch, config,
-                   global_mask_noise(config, step, 0, 1))
+                   global_mask_order(config, step, 0, 1))
         if step >= warmup:
             times.append(time.perf_counter() - started)
     return times

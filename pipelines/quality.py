@@ -12,7 +12,6 @@ import hashlib
 from collections import defaultdict
 from typing import Annotated
 
-import imagehash
 import numpy as np
 from PIL import Image
 from pydantic import Field
@@ -70,6 +69,8 @@ def content_hash(data: bytes) -> str:
 
 def perceptual_hash(image: Image.Image) -> int:
     """64-bit DCT perceptual hash: close in Hamming distance for resized or re-encoded copies."""
+    import imagehash  # ingest's alone: the training side (and the GPU check) runs without it
+
     return int(str(imagehash.phash(image, hash_size=8)), 16)
 
 

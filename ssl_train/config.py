@@ -151,8 +151,15 @@ class TrainConfig(StrictSection):
 class ParallelConfig(StrictSection):
     """How the model is spread over workers (applied outside the model code)."""
 
-    mixed_precision: Literal["bf16", "fp32"] = "bf16"  # GPUs only; CPU workers compute in fp32
+    # bf16: FSDP2's bf16 parameters and compute with fp32 gradient reduction, on any device
+    # (losses, batch-norm statistics and loss weights stay fp32). auto: bf16 on GPUs, fp32 on CPUs.
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
     activation_checkpointing: bool = False
+    # false: each FSDP group stays gathered from its first forward to the end of backward (one
+    # all-gather a step for the several encoder passes); true: ZeRO-3, less memory, more gathers.
+    reshard_after_forward: bool = False
+    # torch.compile of each transformer block (before sharding, as torchtitan does).
+    compile: bool = False
 
 
 class RunConfig(StrictSection):

@@ -9,33 +9,58 @@ only; ``GlobalBatchNorm1d`` does it on any ``torch.distributed`` backend (gloo i
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ssl_train.collectives import all_reduce_sum_with_grad, world_size
+from ssl_train.collectives import all_gather_with_grad, world_size
+
+
+def _float(param: torch.Tensor | None) -> torch.Tensor | None:
+    return None if param is None else param.float()
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics are those of the batch across all ranks."""
+    """BatchNorm1d whose training statistics are those of the batch across all ranks.
+
+    Statistics, running statistics and the normalisation are fp32 whatever the input's dtype
+    (under bf16 parameters, E[x^2] - E[x]^2 in bf16 loses much of the variance); the output is
+    cast back to the input's dtype.
+    """
 
     def forward(self, x_nd: torch.Tensor) -> torch.Tensor:
+        x = x_nd.float()
         if not (self.training and world_size() > 1):
-            return super().forward(x_nd)
-        count = torch.tensor([float(x_nd.shape[0])], device=x_nd.device, dtype=x_nd.dtype)
-        stats = torch.cat([count, x_nd.sum(0), (x_nd * x_nd).sum(0)])
-        stats = all_reduce_sum_with_grad(stats)
-        total = stats[0]
-        mean_d = stats[1 : 1 + x_nd.shape[1]] / total
-        var_d = (stats[1 + x_nd.shape[1] :] / total - mean_d * mean_d).clamp_min(0.0)
+            out = F.batch_norm(x, self.running_mean, self.running_var, _float(self.weight),
+                               _float(self.bias), self.training or not self.track_running_stats,
+                               self._update_factor(), self.eps)
+            return out.to(x_nd.dtype)
+        # Each rank's count, mean and sum of squared deviations, combined exactly (Chan et al.):
+        # no cancellation from subtracting two large sums.
+        mean_d = x.mean(0)
+        local = torch.cat([x.new_tensor([x.shape[0]]), mean_d, ((x - mean_d) ** 2).sum(0)])
+        every_wk = all_gather_with_grad(local.unsqueeze(0))
+        dim = x.shape[1]
+        counts_w1, means_wd, m2_wd = every_wk[:, :1], every_wk[:, 1:1 + dim], every_wk[:, 1 + dim:]
+        total = counts_w1.sum()
+        mean_d = (counts_w1 * means_wd).sum(0) / total
+        var_d = (m2_wd.sum(0) + (counts_w1 * (means_wd - mean_d) ** 2).sum(0)) / total
         if self.track_running_stats and self.running_mean is not None:
+            factor = self._update_factor()
             with torch.no_grad():
                 unbiased_d = var_d * total / (total - 1).clamp_min(1.0)
-                self.running_mean.lerp_(mean_d.detach(), self.momentum)
-                self.running_var.lerp_(unbiased_d.detach(), self.momentum)
-                self.num_batches_tracked += 1
-        x_nd = (x_nd - mean_d) / torch.sqrt(var_d + self.eps)
+                self.running_mean.lerp_(mean_d.detach(), factor)
+                self.running_var.lerp_(unbiased_d.detach(), factor)
+        out = (x - mean_d) / torch.sqrt(var_d + self.eps)
         if self.affine:
-            x_nd = x_nd * self.weight + self.bias
-        return x_nd
+            out = out * self.weight.float() + self.bias.float()
+        return out.to(x_nd.dtype)
+
+    def _update_factor(self) -> float:
+        """The running statistics' update weight for this batch (counts it when training)."""
+        if not (self.training and self.track_running_stats):
+            return 0.0 if self.momentum is None else self.momentum
+        self.num_batches_tracked.add_(1)
+        return 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
 
 
 class ProjectionHead(nn.Module):
@@ -46,7 +71,7 @@ class ProjectionHead(nn.Module):
         self.layers = nn.Sequential(
             nn.Linear(in_dim, hidden_dim, bias=False),
             GlobalBatchNorm1d(hidden_dim),
-            nn.ReLU(inplace=True),
+            nn.ReLU(),  # not in place: an in-place op on a hooked module's output is refused
             nn.Linear(hidden_dim, out_dim),
         )
 

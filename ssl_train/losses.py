@@ -3,7 +3,9 @@
 ``nt_xent_loss`` is SimCLR's normalised-temperature cross entropy; when ``torch.distributed`` is
 initialised it gathers projections from every rank with gradients, so negatives come from the
 global batch and callers cannot forget to do so. ``masked_reconstruction_loss`` is MAE's MSE on
-masked patches only. Neither knows about models, optimisers or weighting.
+masked patches only. Both compute in fp32 whatever their inputs' dtype (bf16 similarities or
+squared errors lose the small differences the losses are made of). Neither knows about models,
+optimisers or weighting.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ def nt_xent_loss(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> to
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     n = z_a.shape[0]
-    local_nd = F.normalize(torch.cat([z_a, z_b], dim=0), dim=1)  # (2n, D): views a then b
-    all_a = all_gather_with_grad(F.normalize(z_a, dim=1))
-    all_b = all_gather_with_grad(F.normalize(z_b, dim=1))
-    global_n = all_a.shape[0]
-    candidates_md = torch.cat([all_a, all_b], dim=0)  # (2N, D)
+    local_nd = F.normalize(torch.cat([z_a, z_b], dim=0).float(), dim=1)  # (2n, D): a then b
+    # One gather of both views: rank r's rows are its n views a, then its n views b.
+    every_w2nd = all_gather_with_grad(local_nd).reshape(-1, 2, n, local_nd.shape[1])
+    global_n = every_w2nd.shape[0] * n
+    candidates_md = every_w2nd.transpose(0, 1).reshape(2 * global_n, -1)  # all a, then all b
 
     logits = local_nd @ candidates_md.T / temperature  # (2n, 2N)
     first = rank() * n  # where this rank's images sit in the global batch
@@ -64,7 +66,8 @@ def masked_reconstruction_loss(
         raise ValueError(
             f"pred {tuple(pred_bnp.shape)} and target {tuple(target_patches_bnp.shape)} differ"
         )
-    target = normalize_patches(target_patches_bnp) if norm_pix else target_patches_bnp
-    per_patch_bn = ((pred_bnp - target) ** 2).mean(dim=-1)
+    target = target_patches_bnp.float()
+    target = normalize_patches(target) if norm_pix else target
+    per_patch_bn = ((pred_bnp.float() - target) ** 2).mean(dim=-1)
     mask_bn = mask_bn.to(per_patch_bn.dtype)
     return (per_patch_bn * mask_bn).sum() / mask_bn.sum().clamp_min(1.0)

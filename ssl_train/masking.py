@@ -33,21 +33,26 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
 
 
 def random_masking(
-    tokens_bnd: torch.Tensor, mask_ratio: float, noise_bn: torch.Tensor | None = None
+    tokens_bnd: torch.Tensor, mask_ratio: float, ids_shuffle_bn: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep a random subset of tokens per image: those with the smallest ``noise_bn``.
+    """Keep a random subset of tokens per image: the first ones of ``ids_shuffle_bn``.
 
-    Returns ``(visible_bkd, mask_bn, ids_restore_bn)``: the kept tokens, a mask with 1 for masked
+    ``ids_shuffle_bn`` (B, N) is each image's patch indices in random order (the argsort of
+    uniform noise, as MAE draws it); the first round((1 - mask_ratio) * N) are kept. Returns
+    ``(visible_bkd, mask_bn, ids_restore_bn)``: the kept tokens, a mask with 1 for masked
     (dropped) positions in the original order, and the permutation that undoes the shuffle.
-    Passing the noise (rather than drawing it here) lets N workers reproduce the masks of one
-    worker holding the whole batch.
+    Passing the order (rather than drawing it here) lets N workers reproduce the masks of one
+    worker holding the whole batch; passing integers rather than noise keeps a bf16 cast of the
+    model's inputs from rounding the noise into ties.
     """
     b, n, d = tokens_bnd.shape
     keep = num_visible(n, mask_ratio)
-    if noise_bn is None:
-        noise_bn = torch.rand(b, n, device=tokens_bnd.device)
-    noise_bn = noise_bn.to(tokens_bnd.device)
-    ids_shuffle_bn = torch.argsort(noise_bn, dim=1)  # ascending: the smallest noise is kept
+    if ids_shuffle_bn is None:
+        ids_shuffle_bn = mask_order(torch.rand(b, n, device=tokens_bnd.device))
+    if ids_shuffle_bn.is_floating_point():
+        raise TypeError("ids_shuffle_bn must be integer patch indices (masking.mask_order(noise)), "
+                        f"got {ids_shuffle_bn.dtype}")
+    ids_shuffle_bn = ids_shuffle_bn.to(tokens_bnd.device)
     ids_restore_bn = torch.argsort(ids_shuffle_bn, dim=1)
     ids_keep_bk = ids_shuffle_bn[:, :keep]
     visible_bkd = torch.gather(tokens_bnd, 1, ids_keep_bk.unsqueeze(-1).expand(-1, -1, d))
@@ -55,3 +60,8 @@ def random_masking(
     mask_bn[:, :keep] = 0
     mask_bn = torch.gather(mask_bn, 1, ids_restore_bn)
     return visible_bkd, mask_bn, ids_restore_bn
+
+
+def mask_order(noise_bn: torch.Tensor) -> torch.Tensor:
+    """Patch indices by ascending noise, (B, N) int64: the order ``random_masking`` keeps them in."""
+    return torch.argsort(noise_bn.float(), dim=1)

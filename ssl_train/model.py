@@ -98,32 +98,37 @@ class HybridSSL(nn.Module):
 
     def encode(self, images_bchw: torch.Tensor) -> torch.Tensor:
         """Pooled encoder features of whole images, (B, D)."""
-        tokens = self.encoder.forward_features(images_bchw)
-        return self.encoder.forward_head(tokens, pre_logits=True)
+        return self._pooled_features(images_bchw)
 
     def embed(self, images_bchw: torch.Tensor) -> torch.Tensor:
         """What the collapse monitor watches: projections, or pooled features without a head."""
-        features = self.encode(images_bchw)
+        features = self._pooled_features(images_bchw)
         return self.projector(features) if self.projector is not None else features
+
+    def _pooled_features(self, images_bchw: torch.Tensor) -> torch.Tensor:
+        # The one encoder path of encode, embed and forward. A parallelism wrapper may hook
+        # encode and embed as entry points; forward must not go through them.
+        tokens = self.encoder.forward_features(images_bchw)
+        return self.encoder.forward_head(tokens, pre_logits=True)
 
     def forward_contrastive(
         self, view_a: torch.Tensor, view_b: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """NT-Xent between the projections of two views; returns (loss, projections of view a)."""
         n = view_a.shape[0]
-        features = self.encode(torch.cat([view_a, view_b], dim=0))
+        features = self._pooled_features(torch.cat([view_a, view_b], dim=0))
         z = self.projector(features)
         z_a, z_b = z[:n], z[n:]
         return nt_xent_loss(z_a, z_b, self.loss_config.temperature), z_a
 
     def forward_encoder(
-        self, images_bchw: torch.Tensor, mask_ratio: float, mask_noise: torch.Tensor | None = None
+        self, images_bchw: torch.Tensor, mask_ratio: float, mask_order: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encode the visible patches only; mask tokens never enter the encoder."""
         enc = self.encoder
         tokens_bnd = enc.patch_embed(images_bchw)
         tokens_bnd = tokens_bnd + enc.pos_embed[:, enc.num_prefix_tokens :]
-        visible_bkd, mask_bn, ids_restore_bn = random_masking(tokens_bnd, mask_ratio, mask_noise)
+        visible_bkd, mask_bn, ids_restore_bn = random_masking(tokens_bnd, mask_ratio, mask_order)
         cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(visible_bkd.shape[0], -1, -1)
         x = torch.cat([cls, visible_bkd], dim=1)
         x = enc.norm_pre(enc.pos_drop(x))
@@ -144,10 +149,10 @@ class HybridSSL(nn.Module):
         )
 
     def forward_masked(
-        self, images_bchw: torch.Tensor, mask_noise: torch.Tensor | None = None
+        self, images_bchw: torch.Tensor, mask_order: torch.Tensor | None = None
     ) -> torch.Tensor:
         latent, mask_bn, ids_restore_bn = self.forward_encoder(
-            images_bchw, self.loss_config.mask_ratio, mask_noise
+            images_bchw, self.loss_config.mask_ratio, mask_order
         )
         pred_bnp = self.forward_decoder(latent, ids_restore_bn)
         return self.forward_loss(images_bchw, pred_bnp, mask_bn)
@@ -157,16 +162,20 @@ class HybridSSL(nn.Module):
         view_a: torch.Tensor | None = None,
         view_b: torch.Tensor | None = None,
         view_mae: torch.Tensor | None = None,
-        mask_noise: torch.Tensor | None = None,
+        mask_order: torch.Tensor | None = None,
     ) -> HybridOutput:
-        """All active losses on one batch: two augmented views and one MAE view of each image."""
+        """All active losses on one batch: two augmented views and one MAE view of each image.
+
+        ``mask_order`` (B, N) int64 gives each image's patches in the order the masked branch
+        keeps them (``masking.mask_order``); drawn here when omitted.
+        """
         losses: dict[str, torch.Tensor] = {}
         embeddings = None
         if self.projector is not None:
             losses["contrastive"], z_a = self.forward_contrastive(view_a, view_b)
             embeddings = z_a.detach()
         if self.decoder is not None:
-            losses["masked"] = self.forward_masked(view_mae, mask_noise)
+            losses["masked"] = self.forward_masked(view_mae, mask_order)
         total, weights = self.weighting(losses)
         return HybridOutput(
             loss=total,

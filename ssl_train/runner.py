@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ssl_train.config import PretrainConfig, dump_config
+from ssl_train.masking import mask_order
 from ssl_train.model import HybridSSL
 from ssl_train.optim import build_optimizer, build_scheduler
 from ssl_train.step import normalize_views, train_step
@@ -58,8 +59,8 @@ def run_in_process(
         for step, batch in enumerate(batches, start=1):
             step_started = time.perf_counter()
             views = normalize_views(batch)
-            mask_noise = torch.rand(len(views["view_a"]), num_patches, generator=noise)
-            record = train_step(model, optimizer, scheduler, views, config, mask_noise)
+            order = mask_order(torch.rand(len(views["view_a"]), num_patches, generator=noise))
+            record = train_step(model, optimizer, scheduler, views, config, order)
             step_seconds = time.perf_counter() - step_started
             images = next(iter(views.values())).shape[0]
             record = {"step": step, "step_seconds": step_seconds,

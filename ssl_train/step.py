@@ -1,8 +1,10 @@
 """One optimisation step on the training worker: uint8 views in, logged figures out.
 
 Owns normalisation (the data stage ships uint8 views; they are converted here, on the worker's
-device), gradient accumulation over micro-batches, gradient clipping and the scheduler tick. It
-does not build models, read data or know whether it runs under Ray.
+device), gradient accumulation over micro-batches, gradient clipping (of the network: the loss
+weighting's log variances are left out, their gradient 1 - L is no network gradient and would
+scale every other one down) and the scheduler tick. It does not build models, read data or know
+whether it runs under Ray.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from pipelines.photometric import apply_photometric_torch
 from ssl_train.config import PretrainConfig
 from ssl_train.health import embedding_std
+from ssl_train.parallel import reshard
 
 VIEW_KEYS = ("view_a", "view_b", "view_mae")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -57,23 +61,26 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     views: Mapping[str, torch.Tensor],
     config: PretrainConfig,
-    mask_noise: torch.Tensor | None = None,
+    mask_order: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Forward, backward (accumulated over micro-batches), clip, step; returns what to log.
 
-    ``mask_noise`` (B, N) decides the masked branch's patches for this worker's B images.
+    ``mask_order`` (B, N) int64 decides the masked branch's patches for this worker's B images.
     """
     accumulation = config.optim.accumulation_steps
     inputs = dict(views)
-    if mask_noise is not None:
-        inputs["mask_noise"] = mask_noise
+    if mask_order is not None:
+        inputs["mask_order"] = mask_order
     parts = {key: tensor.chunk(accumulation) for key, tensor in inputs.items()}
     chunks = [{key: parts[key][i] for key in parts} for i in range(accumulation)]
     optimizer.zero_grad(set_to_none=True)
     summed: dict[str, float] = {}
     embeddings = []
+    sharded = isinstance(model, FSDPModule)
+    if sharded:  # gathered once for every micro-batch and every encoder pass: see parallel.py
+        model.set_reshard_after_backward(False)
     for index, chunk in enumerate(chunks):
-        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce once, on the last
+        if sharded:  # reduce once, after the last micro-batch
             model.set_requires_gradient_sync(index == len(chunks) - 1)
         output = model(**chunk)
         (output.loss / len(chunks)).backward()
@@ -84,8 +91,11 @@ def train_step(
             summed[key] = summed.get(key, 0.0) + float(value) / len(chunks)
         if output.embeddings is not None:
             embeddings.append(output.embeddings)
+    if sharded:
+        reshard(model)
     max_norm = config.optim.grad_clip_norm or float("inf")
-    params = [p for p in model.parameters() if p.grad is not None]
+    weighting = {id(p) for p in model.weighting.parameters()}
+    params = [p for p in model.parameters() if p.grad is not None and id(p) not in weighting]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
         grad_norm = grad_norm.full_tensor()

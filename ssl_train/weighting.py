@@ -2,7 +2,9 @@
 
 Learned weighting follows Kendall, Gal and Cipolla (2018): each loss L_i gets a learned log
 variance s_i and the total is sum_i exp(-s_i) * L_i + s_i. The + s_i term keeps the weights from
-collapsing to zero; the effective weight exp(-s_i) falls for the noisier loss.
+collapsing to zero; the effective weight exp(-s_i) falls for the noisier loss. At the optimum of
+s_i, d/ds_i = 1 - exp(-s_i) * L_i = 0, so each weight tends to 1 / L_i: the weights are set by
+the floor each loss converges to. The sum is computed in fp32 whatever the losses' dtype.
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ class LossWeighting(nn.Module):
     def forward(
         self, losses: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        stacked = torch.stack([losses[name] for name in self.names])
+        stacked = torch.stack([losses[name].float() for name in self.names])
         if self.learned:
-            total = (torch.exp(-self.log_vars) * stacked + self.log_vars).sum()
+            log_vars = self.log_vars.float()
+            total = (torch.exp(-log_vars) * stacked + log_vars).sum()
         else:
-            total = (self.fixed_weights.to(stacked.dtype) * stacked).sum()
+            total = (self.fixed_weights.float() * stacked).sum()
         weights = self.weights().detach()
         return total, dict(zip(self.names, weights))

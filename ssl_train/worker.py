@@ -41,10 +41,11 @@ from ssl_train.health import (
     knn_accuracy,
     uniformity,
 )
+from ssl_train.masking import mask_order
 from ssl_train.metrics_log import MetricsLog
 from ssl_train.model import HybridSSL
 from ssl_train.optim import build_optimizer, build_scheduler
-from ssl_train.parallel import apply_parallelism
+from ssl_train.parallel import apply_parallelism, resolve_precision
 from ssl_train.runner import progress_line
 from ssl_train.step import normalize_views, train_step
 from ssl_train.telemetry import TrainingTelemetry
@@ -55,8 +56,8 @@ def step_seed(seed: int, step: int, stream: int = 0) -> int:
     return int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0])
 
 
-def global_mask_noise(config: PretrainConfig, step: int, rank: int, world: int) -> torch.Tensor:
-    """This rank's rows of the masking noise of the whole global batch at ``step``.
+def global_mask_order(config: PretrainConfig, step: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's rows of the masking order (int64 patch indices) of the global batch at ``step``.
 
     Drawn for the global batch and sliced, so 1 worker and N workers mask the same patches.
     """
@@ -64,7 +65,7 @@ def global_mask_noise(config: PretrainConfig, step: int, rank: int, world: int) 
     noise = torch.rand(config.train.global_batch_size, config.model.num_patches,
                        generator=generator)
     per_rank = config.train.global_batch_size // world
-    return noise[rank * per_rank:(rank + 1) * per_rank]
+    return mask_order(noise[rank * per_rank:(rank + 1) * per_rank])
 
 
 def _say(line: str) -> None:
@@ -209,7 +210,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
     model = HybridSSL(config.model, config.loss)
     model = apply_parallelism(model, device, config.parallel.mixed_precision,
-                              config.parallel.activation_checkpointing)
+                              config.parallel.activation_checkpointing,
+                              config.parallel.reshard_after_forward, config.parallel.compile)
+    precision = resolve_precision(device, config.parallel.mixed_precision,
+                                  sharded=dist.is_available() and dist.is_initialized())
     model.train()
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
@@ -236,7 +240,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if log is not None:
         log.append({"step": step, "event": "resumed" if resume_uri else "started",
                     "checkpoint": resume_uri, "world_size": world, "nodes": nodes,
-                    "samples_replayed": samples_replayed})
+                    "samples_replayed": samples_replayed, "device": device.type,
+                    "precision": precision.as_record()})
 
     energy = EnergySettings(**loop_config["energy"]) if loop_config.get("energy") else None
     if energy is not None:
@@ -253,6 +258,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     started = time.perf_counter()
     first_step = step
     exhausted = False
+    said_precision = False
     record: dict[str, float] = {}
 
     held: dict[str, torch.Tensor] | None = None
@@ -298,8 +304,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if held is None:  # the monitor's held batch: this worker's first batch, kept
             held = {key: value[:64] for key, value in views.items()}
         torch.manual_seed(step_seed(config.train.seed, step, 2 + rank))  # drop path
-        noise = global_mask_noise(config, step, rank, world)
-        record = train_step(model, optimizer, scheduler, views, config, noise)
+        order = global_mask_order(config, step, rank, world)
+        record = train_step(model, optimizer, scheduler, views, config, order)
         step += 1
         step_seconds = time.perf_counter() - step_started + data_wait
         record = _average({**record, "step_seconds": step_seconds, "data_wait_seconds": data_wait})
@@ -322,7 +328,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 _say(projection.describe(estimate))
             if step % config.train.log_every == 0 or step == stop_step:
                 seconds_per_step = (time.perf_counter() - started) / (step - first_step)
-                _say(progress_line(step, config.train.steps, record, seconds_per_step))
+                line = progress_line(step, config.train.steps, record, seconds_per_step)
+                if not said_precision:  # the first line says what the numbers were computed in
+                    line += f" | {world} x {device.type}: {precision.describe()}"
+                    said_precision = True
+                _say(line)
         if step % config.train.checkpoint_every == 0 and step < stop_step:
             checkpoint()
     if is_chief and step < stop_step:

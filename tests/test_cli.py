@@ -45,6 +45,9 @@ def test_train_runs_on_the_sample_photographs_and_writes_a_run_directory(tmp_pat
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 3/3" in result.stdout and "img/s" in result.stdout
+    # The first progress line says what the figures were computed in; FSDP has nothing to say.
+    assert "2 x cpu: fp32 parameters and compute, fp32 gradient reduction" in result.stdout
+    assert "FSDP2" not in result.stdout + result.stderr
     assert f"run directory: {tmp_path}/smoke" in result.stdout
     records = [json.loads(line) for line in
                (tmp_path / "smoke" / "metrics.jsonl").read_text().splitlines()]

@@ -55,7 +55,7 @@ def _first_steps(loop_config):
     from ssl_train.optim import build_scheduler
     from ssl_train.parallel import apply_parallelism
     from ssl_train.step import normalize_views, train_step
-    from ssl_train.worker import _average, global_mask_noise
+    from ssl_train.worker import _average, global_mask_order
 
     config = PretrainConfig.model_validate(loop_config["config"])
     rank = ray.train.get_context().get_world_rank()
@@ -71,7 +71,7 @@ def _first_steps(loop_config):
     losses = []
     for step in range(2):
         record = train_step(model, optimizer, scheduler, normalize_views(mine), config,
-                            global_mask_noise(config, step, rank, world))
+                            global_mask_order(config, step, rank, world))
         losses.append(_average(record))
     if rank == 0:
         Path(loop_config["out"]).write_text(json.dumps(
@@ -106,6 +106,21 @@ def test_one_and_two_fsdp_workers_compute_the_same_losses(tmp_path, ray_local):
     for key in ("loss_1", "loss_contrastive_1", "loss_masked_1"):
         assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), key
     assert two["loss_1"] != pytest.approx(one["loss_0"], rel=1e-4)  # the step changed something
+
+
+def test_a_two_worker_run_in_bf16_trains_and_records_its_precision(tmp_path, ray_local):
+    config = _config(tmp_path, "train.steps=3", "train.checkpoint_every=3", "run.name=bf16",
+                     "parallel.mixed_precision=bf16")
+    train(config, log=lambda line: None)
+    records = _records(tmp_path / "bf16")
+    started = _events(records)[0]
+    assert started["world_size"] == 2 and started["device"] == "cpu"
+    assert started["precision"] == {"param_dtype": "bfloat16", "reduce_dtype": "float32",
+                                    "loss_dtype": "float32"}
+    steps = [r for r in records if "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for key in ("loss", "loss_contrastive", "loss_masked", "grad_norm"):
+        assert np.isfinite([r[key] for r in steps]).all(), key
 
 
 # ---------------------------------------------------------------- checkpoints on S3, resume

@@ -7,7 +7,7 @@ import timm
 import torch
 
 from ssl_train.config import load_config
-from ssl_train.masking import num_visible, patchify, random_masking, unpatchify
+from ssl_train.masking import mask_order, num_visible, patchify, random_masking, unpatchify
 from ssl_train.model import HybridSSL
 
 
@@ -52,7 +52,7 @@ def test_masked_branch_loss_ignores_visible_patches(tiny_config):
     model = HybridSSL(tiny_config.model, tiny_config.loss).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        latent, mask, ids_restore = model.forward_encoder(images, 0.75, torch.rand(2, 64))
+        latent, mask, ids_restore = model.forward_encoder(images, 0.75, mask_order(torch.rand(2, 64)))
         pred = model.forward_decoder(latent, ids_restore)
         base = float(model.forward_loss(images, pred, mask))
         wrong_where_visible = pred.clone()
@@ -65,7 +65,7 @@ def test_masked_branch_loss_ignores_visible_patches(tiny_config):
 
 def test_random_masking_keeps_the_right_tokens_and_restores_order():
     tokens = torch.arange(2 * 16, dtype=torch.float).reshape(2, 16, 1)
-    visible, mask, ids_restore = random_masking(tokens, 0.75, torch.rand(2, 16))
+    visible, mask, ids_restore = random_masking(tokens, 0.75, mask_order(torch.rand(2, 16)))
     assert visible.shape == (2, 4, 1)
     assert mask.sum(1).tolist() == [12, 12]
     for b in range(2):
@@ -75,6 +75,17 @@ def test_random_masking_keeps_the_right_tokens_and_restores_order():
     shuffled_order = torch.argsort(ids_restore, dim=1)
     restored = torch.gather(shuffled_order, 1, ids_restore)
     assert torch.equal(restored, torch.arange(16).expand(2, 16))
+
+
+def test_masking_is_decided_by_integer_orders_whatever_the_token_dtype():
+    noise = torch.rand(2, 64, generator=torch.Generator().manual_seed(4))
+    tokens = torch.randn(2, 64, 8)
+    _, mask_fp32, _ = random_masking(tokens, 0.75, mask_order(noise))
+    _, mask_bf16, _ = random_masking(tokens.bfloat16(), 0.75, mask_order(noise))
+    assert torch.equal(mask_fp32, mask_bf16.float())
+    # Noise itself is refused: a bf16 cast on the way in would round it into ties.
+    with pytest.raises(TypeError, match="mask_order"):
+        random_masking(tokens, 0.75, noise)
 
 
 def test_patchify_roundtrip():
