@@ -25,8 +25,12 @@ EXTREME_ASPECT_RATIO = "extreme_aspect_ratio"
 BLANK = "blank"
 EXACT_DUPLICATE = "exact_duplicate"
 NEAR_DUPLICATE = "near_duplicate"
+# Ingest only: the object could not be read at all (gone since listing, access denied); an
+# outage (storage failing for everything) stops the ingest instead.
+READ_FAILED = "read_failed"
 DROP_REASONS = (
-    UNREADABLE, TOO_LARGE, TOO_SMALL, EXTREME_ASPECT_RATIO, BLANK, EXACT_DUPLICATE, NEAR_DUPLICATE
+    UNREADABLE, TOO_LARGE, TOO_SMALL, EXTREME_ASPECT_RATIO, BLANK, EXACT_DUPLICATE,
+    NEAR_DUPLICATE, READ_FAILED,
 )
 
 

@@ -137,6 +137,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     options = {
         "samples_per_shard": args.samples_per_shard, "shard_bytes": args.shard_size,
         "reencode": args.reencode, "jpeg_quality": args.jpeg_quality, "max_side": args.max_side,
+        "seed": args.seed, "images_per_part": args.images_per_part,
         "quality": {
             "min_side": args.min_side, "max_aspect_ratio": args.max_aspect_ratio,
             "min_pixel_std": args.min_pixel_std,
@@ -146,7 +147,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     config = validate_section(IngestConfig, _without_none(options), "ingest option")
     metrics = IngestMetrics(args.metrics_port, args.metrics_address)
     ingest(args.src, args.dest, config, _storage_options(args), overwrite=args.overwrite,
-           address=args.address, metrics=metrics)
+           address=args.address, metrics=metrics, list_file=args.list)
     return 0
 
 
@@ -214,7 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="drop near-constant images (grey-level std below this)")
     ingest.add_argument("--near-duplicate-distance", type=int, default=6,
                         help="perceptual-hash bits within which images are near duplicates")
-    ingest.add_argument("--overwrite", action="store_true", help="replace shards already in DEST")
+    ingest.add_argument("--list", metavar="FILE", type=_storage_url,
+                        help="take the images from this file (or prefix of files) instead of "
+                        "listing SRC: text (a path or URL a line), or CSV/Parquet with a url, "
+                        "path or key (and bucket) column, such as an S3 Inventory")
+    ingest.add_argument("--seed", type=int, default=0,
+                        help="seed of the order of samples across shards")
+    ingest.add_argument("--images-per-part", type=int, default=10_000,
+                        help="images per unit of work: what a killed ingest does again")
+    ingest.add_argument("--overwrite", action="store_true",
+                        help="replace shards already in DEST, or an unfinished ingest of other "
+                        "options (rerunning the same command resumes it)")
     ingest.add_argument("--address", help="Ray cluster address (default: start a local one)")
     ingest.add_argument("--metrics-port", type=int,
                         help="serve ssl_ingest_* Prometheus metrics on this port while it runs")
