@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Relative costs per row measured by benchmarks/ingest_scale.py (docs/scale.md): emitting and
-# shuffling one (image, table) row costs about this many hash comparisons.
-EMIT_COST_IN_COMPARISONS = 40.0
+# Emitting and shuffling one (image, table) row costs about as much as this many comparisons
+# within a group: fitted to benchmarks/ingest_scale.py at 1M and 3M images with 8 blocks and at
+# 1M with 9 (docs/scale.md).
+EMIT_COST_IN_COMPARISONS = 150.0
 MAX_BLOCKS = 16
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import time
@@ -28,7 +29,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.storage import StorageOptions, is_remote, open_filesystem, storage_call
+from pipelines.storage import (
+    StorageError,
+    StorageOptions,
+    StorageUnavailable,
+    is_remote,
+    open_filesystem,
+    storage_call,
+)
 
 DONE = ".done"
 
@@ -94,16 +102,28 @@ class WorkArea:
     def get(self, relative: str) -> bytes:
         return self._call(self.fs.cat_file, self.path(relative))
 
+    def get_if_exists(self, relative: str) -> bytes | None:
+        """The object, or None if there is none: one request either way."""
+        try:
+            return self.fs.cat_file(self.path(relative))
+        except FileNotFoundError:
+            return None
+        except Exception:  # noqa: BLE001 - anything else is told apart by storage_call
+            return self.get(relative)
+
     def exists(self, relative: str) -> bool:
         return self._call(self.fs.exists, self.path(relative))
 
     def listdir(self, relative: str) -> list[str]:
         """Names of the objects directly under ``relative`` (empty if there is none)."""
         path = self.path(relative)
-        if not self._call(self.fs.exists, path):
+        try:
+            found = self.fs.ls(path, detail=False)
+        except FileNotFoundError:
             return []
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self._call(self.fs.ls, path,
-                                                                             detail=False))
+        except Exception:  # noqa: BLE001 - anything else is told apart by storage_call
+            found = self._call(self.fs.ls, path, detail=False)
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in found)
 
     def remove(self, relative: str = "") -> None:
         path = self.path(relative) if relative else self.root
@@ -126,8 +146,8 @@ class WorkArea:
 
     def done(self, relative: str) -> dict | None:
         """The counters a finished task left, or None if it did not finish."""
-        marker = f"{relative}{DONE}"
-        return json.loads(self.get(marker)) if self.exists(marker) else None
+        data = self.get_if_exists(f"{relative}{DONE}")
+        return None if data is None else json.loads(data)
 
     def mark_done(self, relative: str, counters: dict) -> None:
         self.put(f"{relative}{DONE}", json.dumps(counters, sort_keys=True).encode())
@@ -204,12 +224,22 @@ def run_tasks(count: int, task: Callable[[int], dict], *,
     """Run ``task(index)`` for index in range(count) as Ray Data tasks; yields their counters.
 
     The indices come from ``ray.data.range``: the driver holds no list of the work. A task that
-    dies is retried by Ray; tasks themselves skip work whose outputs are already done.
+    dies is retried by Ray; tasks themselves skip work whose outputs are already done. A pass of
+    one task runs in this process.
     """
     import ray.data
 
     if count == 0:
         return
+    if count == 1:  # one task: run it here, without a Ray Data execution's start-up (a bucket
+        yield task(0)  # is bounded by rows, so this holds no more than a worker would)
+        return
+    # A job of many short passes: one progress line of our own, not Ray Data's per pass.
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled"
     dataset = ray.data.range(count, override_num_blocks=min(count, 4096))
 
     def run(batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -218,3 +248,39 @@ def run_tasks(count: int, task: Callable[[int], dict], *,
 
     for row in dataset.map_batches(run, batch_size=1, num_cpus=num_cpus).iter_rows():
         yield json.loads(row["result"])
+
+
+def once(area: WorkArea, marker: str, work: Callable[[], dict]) -> dict:
+    """``work()``'s counters, or those it left when it ran before (with ``reused``).
+
+    A storage failure comes back as data (``storage_error``): exceptions lose their type
+    crossing Ray Data, and the driver must tell an outage from a refusal.
+    """
+    done = area.done(marker)
+    if done is not None:
+        return {**done, "reused": True}
+    try:
+        counters = work()
+    except StorageError as err:
+        return {"storage_error": str(err), "unavailable": isinstance(err, StorageUnavailable)}
+    area.mark_done(marker, counters)
+    return counters
+
+
+def run_stage(count: int, task: Callable[[int], dict], progress: Progress | None = None,
+              amount: Callable[[dict], int] = lambda result: 1) -> list[dict]:
+    """Run a pass of ``count`` tasks; raises the first storage failure a task reports.
+    Returns the tasks' counters."""
+    results = []
+    for result in run_tasks(count, task):
+        if result.get("storage_error"):
+            kind = StorageUnavailable if result["unavailable"] else StorageError
+            raise kind(result["storage_error"])
+        if progress is not None:
+            progress.add(amount(result), reused=result.get("reused", False))
+        results.append(result)
+    return results
+
+
+def total(results: list[dict], key: str) -> int:
+    return sum(int(r.get(key, 0)) for r in results)

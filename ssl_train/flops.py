@@ -38,7 +38,8 @@ def step_flops(config: PretrainConfig, images: int) -> dict[str, float]:
         parts["encoder_contrastive"] = 2 * blocks_forward_flops(
             patches + 1, enc.embed_dim, enc.depth, enc.mlp_ratio)
         proj = model.projector
-        parts["projector"] = 2 * 2 * (enc.embed_dim * proj.hidden_dim + proj.hidden_dim * proj.out_dim)
+        parts["projector"] = 2 * 2 * (enc.embed_dim * proj.hidden_dim
+                                      + proj.hidden_dim * proj.out_dim)
     if objective in ("hybrid", "masked"):
         views += 1
         visible = num_visible(patches, config.loss.mask_ratio) + 1

@@ -146,7 +146,7 @@ def test_ingest_cli_names_missing_credentials(s3_bucket, s3_server):
 
 def test_ingest_cli_names_unreachable_storage(tmp_path):
     result = _ingest_cli("s3://some-bucket/raw", str(tmp_path / "out"),
-                         "--endpoint-url", "http://127.0.0.1:9",
+                         "--endpoint-url", "http://127.0.0.1:9", "--storage-attempts", "2",
                          env={"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
     assert result.returncode == 2
     assert "cannot reach storage" in result.stderr and "127.0.0.1:9" in result.stderr

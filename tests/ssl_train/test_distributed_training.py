@@ -108,21 +108,6 @@ def test_one_and_two_fsdp_workers_compute_the_same_losses(tmp_path, ray_local):
     assert two["loss_1"] != pytest.approx(one["loss_0"], rel=1e-4)  # the step changed something
 
 
-def test_a_two_worker_run_in_bf16_trains_and_records_its_precision(tmp_path, ray_local):
-    config = _config(tmp_path, "train.steps=3", "train.checkpoint_every=3", "run.name=bf16",
-                     "parallel.mixed_precision=bf16")
-    train(config, log=lambda line: None)
-    records = _records(tmp_path / "bf16")
-    started = _events(records)[0]
-    assert started["world_size"] == 2 and started["device"] == "cpu"
-    assert started["precision"] == {"param_dtype": "bfloat16", "reduce_dtype": "float32",
-                                    "loss_dtype": "float32"}
-    steps = [r for r in records if "event" not in r]
-    assert [r["step"] for r in steps] == [1, 2, 3]
-    for key in ("loss", "loss_contrastive", "loss_masked", "grad_norm"):
-        assert np.isfinite([r[key] for r in steps]).all(), key
-
-
 # ---------------------------------------------------------------- checkpoints on S3, resume
 
 def _s3(endpoint):
@@ -223,10 +208,24 @@ def test_a_partly_written_checkpoint_is_skipped_on_resume(tmp_path, ray_local):
     assert _steps(_records(run_dir)) == list(range(1, 9))
 
 
-def test_is_complete_rejects_truncated_and_missing_state(tmp_path, ray_local):
-    config = _config(tmp_path, "train.steps=2", "train.checkpoint_every=2", "run.name=trunc")
+def test_a_bf16_run_trains_records_its_precision_and_is_checked_for_truncation(
+    tmp_path, ray_local
+):
+    config = _config(tmp_path, "train.steps=3", "train.checkpoint_every=3", "run.name=trunc",
+                     "parallel.mixed_precision=bf16")
     run_dir = train(config, log=lambda line: None)
-    checkpoint = Path(run_dir, "checkpoint_000000002")
+    # The GPUs' policy on two CPU workers: finite losses, and bf16 recorded as in effect.
+    records = _records(run_dir)
+    started = _events(records)[0]
+    assert started["world_size"] == 2 and started["device"] == "cpu"
+    assert started["precision"] == {"param_dtype": "bfloat16", "reduce_dtype": "float32",
+                                    "loss_dtype": "float32"}
+    steps = [r for r in records if "event" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for key in ("loss", "loss_contrastive", "loss_masked", "grad_norm"):
+        assert np.isfinite([r[key] for r in steps]).all(), key
+    # A checkpoint with a cut shard file, or none at all, is not complete.
+    checkpoint = Path(run_dir, "checkpoint_000000003")
     shard = checkpoint / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[:-10])
     assert not is_complete(str(checkpoint))

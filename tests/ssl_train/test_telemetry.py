@@ -29,9 +29,20 @@ from tests.pipelines.planted import PHOTOGRAPHS, raw_image_files
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 
 
+def _get(url: str, attempts: int = 3) -> bytes:
+    """GET with retries: on two busy cores an exporter can take seconds to answer."""
+    for attempt in range(attempts):
+        try:
+            return urllib.request.urlopen(url, timeout=20).read()
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1)
+
+
 def scrape(port: int = RAY_METRICS_PORT) -> dict[str, list]:
     """Samples by name (Ray's ray_ prefix removed, as the shipped scrape config does)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    text = _get(f"http://127.0.0.1:{port}/metrics").decode()
     samples = defaultdict(list)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -95,7 +106,7 @@ def _prometheus(tmp_path: Path, port: int):
 
 def _query(port: int, promql: str) -> list:
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-    body = json.loads(urllib.request.urlopen(url, timeout=10).read())
+    body = json.loads(_get(url))
     assert body["status"] == "success"
     return body["data"]["result"]
 
