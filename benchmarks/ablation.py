@@ -28,24 +28,25 @@ from PIL import Image
 from pipelines.sample_images import digits_images, random_view_batches
 from ssl_train.config import load_config
 from ssl_train.evaluate import encode_all, evaluate_features, split
-from ssl_train.model import HybridSSL
-from ssl_train.runner import run_in_process
+from ssl_train.loop import train_in_process
+from ssl_train.model import SSLModel
 
 IMAGE_SIZE = 32
 BASE = [
     f"model.image_size={IMAGE_SIZE}", "model.encoder.patch_size=4", "model.encoder.embed_dim=128",
-    "model.encoder.depth=4", "model.encoder.num_heads=4", "model.decoder.embed_dim=64",
-    "model.decoder.depth=2", "model.decoder.num_heads=4", "model.projector.hidden_dim=256",
-    "model.projector.out_dim=64", "train.global_batch_size=64", "optim.warmup_steps=20",
-    "data.augment.contrastive_crop.scale=[0.3, 1.0]", "data.augment.mae_crop.scale=[0.5, 1.0]",
+    "model.encoder.depth=4", "model.encoder.num_heads=4", "objectives.mae.decoder.embed_dim=64",
+    "objectives.mae.decoder.depth=2", "objectives.mae.decoder.num_heads=4",
+    "objectives.simclr.projector.hidden_dim=256", "objectives.simclr.projector.out_dim=64",
+    "train.global_batch_size=64", "optim.warmup_steps=20",
+    "objectives.simclr.crop.scale=[0.3, 1.0]", "objectives.mae.crop.scale=[0.5, 1.0]",
     "train.log_every=1000",
 ]
 VARIANTS = {
     "random init": None,
-    "contrastive only": ["loss.objective=contrastive"],
-    "masked only": ["loss.objective=masked"],
-    "hybrid, fixed weights": ["loss.objective=hybrid", "loss.weighting=fixed"],
-    "hybrid, learned weights": ["loss.objective=hybrid", "loss.weighting=learned"],
+    "contrastive only": ["objectives=[simclr]"],
+    "masked only": ["objectives=[mae]"],
+    "hybrid, fixed weights": ["weighting=fixed"],
+    "hybrid, learned weights": ["weighting=learned"],
 }
 
 
@@ -56,12 +57,13 @@ def run_variant(name, overrides, seed, steps, pretrain_images, all_images, label
     curves = []
     if overrides is None:
         torch.manual_seed(seed)
-        model = HybridSSL(config.model, config.loss)
+        model = SSLModel(config)
     else:
         batches = random_view_batches(pretrain_images, IMAGE_SIZE, config.train.global_batch_size,
-                                      seed=seed, augment=config.data.augment)
+                                      seed=seed, augment=config.data.augment,
+                                      views=config.views())
         run_dir = work / f"{name.replace(' ', '_').replace(',', '')}-{seed}"
-        model = run_in_process(config, batches, run_dir, log=lambda line: None)
+        model = train_in_process(config, batches, run_dir, log=lambda line: None)
         curves = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     model.eval()
     features = encode_all(model, all_images).numpy()

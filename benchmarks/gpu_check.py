@@ -38,11 +38,11 @@ from pipelines.augment import AugmentConfig  # noqa: E402
 from pipelines.sample_images import random_view_batches, sample_photographs  # noqa: E402
 from ssl_train.config import PretrainConfig, load_config  # noqa: E402
 from ssl_train.flops import step_flops  # noqa: E402
-from ssl_train.model import HybridSSL  # noqa: E402
+from ssl_train.model import SSLModel  # noqa: E402
+from ssl_train.objectives import StepContext  # noqa: E402
 from ssl_train.optim import build_optimizer, build_scheduler  # noqa: E402
 from ssl_train.parallel import apply_parallelism, resolve_precision  # noqa: E402
 from ssl_train.step import normalize_views, train_step  # noqa: E402
-from ssl_train.worker import global_mask_order  # noqa: E402
 
 # Dense bf16 peaks from the vendors' datasheets (without sparsity), by device name.
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4,
@@ -51,9 +51,10 @@ PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4,
 GPU_MODELS = {"vit-b16": 128, "vit-l16": 64}  # config: images per step
 # The smoke run: the tiny config made smaller still, two steps, on the CPU.
 CPU_OVERRIDES = ["model.image_size=32", "model.encoder.depth=2", "model.encoder.embed_dim=96",
-                 "model.encoder.num_heads=2", "model.decoder.depth=1",
-                 "model.decoder.embed_dim=64", "model.decoder.num_heads=2",
-                 "model.projector.hidden_dim=128", "model.projector.out_dim=64"]
+                 "model.encoder.num_heads=2", "objectives.mae.decoder.depth=1",
+                 "objectives.mae.decoder.embed_dim=64", "objectives.mae.decoder.num_heads=2",
+                 "objectives.simclr.projector.hidden_dim=128",
+                 "objectives.simclr.projector.out_dim=64"]
 
 
 def peak_tflops(device: torch.device, given: float | None) -> tuple[float | None, str]:
@@ -140,7 +141,7 @@ def run_one(name: str, device: torch.device, images: int, compile_blocks: bool,
               "image_size": config.model.image_size,
               "activation_checkpointing": config.parallel.activation_checkpointing}
     torch.manual_seed(0)
-    model = apply_parallelism(HybridSSL(config.model, config.loss), device, "bf16",
+    model = apply_parallelism(SSLModel(config), device, "bf16",
                               config.parallel.activation_checkpointing,
                               compile_blocks=compile_blocks)
     result["precision"] = resolve_precision(device, "bf16").as_record()
@@ -153,13 +154,14 @@ def run_one(name: str, device: torch.device, images: int, compile_blocks: bool,
 
     def step(index: int) -> tuple[float, float]:
         batch = batches[index % len(batches)]
-        order = global_mask_order(config, index, 0, 1).to(device)
+        inputs = {key: value.to(device) for key, value in model.step_inputs(
+            StepContext(config.train.seed, index, 0, 1, images)).items()}
         _sync(device)
         started = time.perf_counter()
         views = normalize_views(batch, device, threshold)
         _sync(device)
         augmented = time.perf_counter()
-        train_step(model, optimizer, scheduler, views, config, order)
+        train_step(model, optimizer, scheduler, views, config, inputs)
         _sync(device)
         return augmented - started, time.perf_counter() - started
 
@@ -240,11 +242,12 @@ def main() -> None:
     import timm
 
     peak, peak_source = peak_tflops(device, args.peak_tflops)
+    matmul = measured_matmul_tflops(device)  # unrounded for MFU: a busy CPU gives < 0.05
     report = {
         "device": torch.cuda.get_device_name(device) if not cpu else platform.processor() or "cpu",
         "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
         "peak_bf16_tflops": peak, "peak_source": peak_source,
-        "matmul_bf16_tflops_measured": round(measured_matmul_tflops(device), 1),
+        "matmul_bf16_tflops_measured": float(f"{matmul:.4g}"),
         "results": [], "skipped": [],
     }
     energy = EnergyCounter(device)
@@ -258,8 +261,8 @@ def main() -> None:
                 continue
             images = args.batch_size or (8 if cpu else GPU_MODELS.get(name, 64))
             try:
-                outcome = run_one(name, device, images, compile_blocks, args, peak,
-                                  report["matmul_bf16_tflops_measured"], energy)
+                outcome = run_one(name, device, images, compile_blocks, args, peak, matmul,
+                                  energy)
                 report["results"].append(outcome)
             except torch.cuda.OutOfMemoryError:
                 outcome = {**case, "reason": f"out of memory at {images} images"}

@@ -19,7 +19,7 @@ import torch
 
 from pipelines.sample_images import random_view_batches, sample_photographs
 from ssl_train.config import load_config
-from ssl_train.model import HybridSSL
+from ssl_train.model import SSLModel
 from ssl_train.optim import build_optimizer, build_scheduler
 from ssl_train.step import normalize_views, train_step
 
@@ -38,7 +38,7 @@ def main() -> None:
         overrides.append(f"train.global_batch_size={args.batch_size}")
     config = load_config(args.config, overrides)
     torch.manual_seed(0)
-    model = HybridSSL(config.model, config.loss).train()
+    model = SSLModel(config).train()
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
     batch_size, size = config.train.global_batch_size, config.model.image_size
@@ -55,7 +55,7 @@ def main() -> None:
     median = statistics.median(times)
     print(json.dumps({
         "config": args.config,
-        "objective": config.loss.objective,
+        "objectives": config.objective_names,
         "image_size": size,
         "batch_size": batch_size,
         "parameters_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),

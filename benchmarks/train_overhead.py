@@ -22,22 +22,17 @@ import torch
 
 from pipelines.sample_images import random_view_batches, sample_photographs
 from ssl_train.config import PretrainConfig, load_config
-from ssl_train.model import HybridSSL
-from ssl_train.optim import build_optimizer, build_scheduler
+from ssl_train.encoder import encode_visible
+from ssl_train.loop import Trainer
+from ssl_train.model import SSLModel
+from ssl_train.objectives import StepContext
 from ssl_train.step import normalize_views, train_step
 
 
 def timed_steps(config: PretrainConfig, warmup: int, steps: int, distributed: bool) -> list[float]:
     """Step times of the training loop on in-memory views (inside Ray Train if distributed)."""
-    from ssl_train.parallel import apply_parallelism
-    from ssl_train.worker import global_mask_order
-
-    torch.manual_seed(0)
-    model = HybridSSL(config.model, config.loss)
-    if distributed:
-        model = apply_parallelism(model, torch.device("cpu"), "fp32")
-    optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, config)
+    trainer = Trainer(config)  # sharded when inside Ray Train (a process group exists)
+    model, optimizer, scheduler = trainer.model, trainer.optimizer, trainer.scheduler
     photos = sample_photographs(min_side=64)
     batches = random_view_batches(photos, config.model.image_size,
                                   config.train.global_batch_size, seed=0)
@@ -46,7 +41,8 @@ def timed_steps(config: PretrainConfig, warmup: int, steps: int, distributed: bo
     for step, batch in enumerate(views):
         started = time.perf_counter()
         train_step(model, optimizer, scheduler, batch, config,
-                   global_mask_order(config, step, 0, 1))
+                   model.step_inputs(StepContext(config.train.seed, step, 0, 1,
+                                                 config.train.global_batch_size)))
         if step >= warmup:
             times.append(time.perf_counter() - started)
     return times
@@ -87,7 +83,7 @@ def ray_train_steps(config: PretrainConfig, warmup: int, steps: int) -> list[flo
 def encoder_seconds(config: PretrainConfig, mask_ratio: float, repeat: int) -> float:
     """Median forward + backward time of the encoder at ``mask_ratio`` (0: every patch)."""
     torch.manual_seed(0)
-    model = HybridSSL(config.model, config.loss)
+    model = SSLModel(config)
     size = config.model.image_size
     images = torch.randn(config.train.global_batch_size, 3, size, size)
     times = []
@@ -95,7 +91,7 @@ def encoder_seconds(config: PretrainConfig, mask_ratio: float, repeat: int) -> f
         model.zero_grad(set_to_none=True)
         started = time.perf_counter()
         if mask_ratio:
-            latent, _, _ = model.forward_encoder(images, mask_ratio)
+            latent, _, _ = encode_visible(model.encoder, images, mask_ratio)
         else:
             latent = model.encoder.forward_features(images)
         latent.float().pow(2).mean().backward()
@@ -118,7 +114,7 @@ def main() -> None:
 
     plain = statistics.median(timed_steps(config, args.warmup, args.steps, distributed=False))
     in_ray = statistics.median(ray_train_steps(config, args.warmup, args.steps))
-    visible = encoder_seconds(config, config.loss.mask_ratio, repeat=args.steps)
+    visible = encoder_seconds(config, config.objective("mae").mask_ratio, repeat=args.steps)
     everything = encoder_seconds(config, 0.0, repeat=args.steps)
     print(json.dumps({
         "config": args.config, "batch_size": config.train.global_batch_size,

@@ -1,4 +1,4 @@
-"""The views of one image: two SimCLR views and one MAE view, cut in the data stage.
+"""The views of one image, cut in the data stage as the objectives declare them (``ViewSpec``).
 
 Owns crop sampling and the decode plan: crops are drawn on the image's declared size before any
 pixel is decoded, so that JPEGs can be decoded at the largest power-of-two reduction that still
@@ -41,9 +41,35 @@ class CropConfig(StrictSection):
         return self
 
 
+class ViewSpec(StrictSection):
+    """One view an objective reads: its batch key, its crop, its output size (the model's image
+    size when unset) and whether the run's photometric augmentation applies to it."""
+
+    name: Annotated[str, Field(pattern=r"^view_[a-z0-9_]+$")]
+    crop: CropConfig = CropConfig()
+    photometric: bool = False
+    size: Annotated[int, Field(gt=0)] | None = None
+
+
+# The hybrid's views (SimCLR's two and MAE's one), for callers that name no objectives.
+HYBRID_VIEWS = (ViewSpec(name="view_a", photometric=True),
+                ViewSpec(name="view_b", photometric=True),
+                ViewSpec(name="view_mae", crop=CropConfig(scale=(0.2, 1.0))))
+
+
+def merge_views(declared: list[ViewSpec]) -> list[ViewSpec]:
+    """Each view once, in the order first declared; one name declared two ways is an error."""
+    merged: dict[str, ViewSpec] = {}
+    for view in declared:
+        if view.name in merged and merged[view.name] != view:
+            raise ValueError(f"two objectives declare the view {view.name} differently")
+        merged.setdefault(view.name, view)
+    return list(merged.values())
+
+
 class AugmentConfig(StrictSection):
-    contrastive_crop: CropConfig = CropConfig()
-    mae_crop: CropConfig = CropConfig(scale=(0.2, 1.0))
+    """The photometric augmentation of the views that take it (crops are the objectives')."""
+
     photometric: PhotometricConfig = PhotometricConfig()
     # "data": photometric ops on the data stage's CPUs; "device": parameters travel with the
     # batch and the ops run batched on the training worker's device.
@@ -76,11 +102,12 @@ def sample_crop(
     return (width - w) / 2, (height - h) / 2, w, h, bool(rng.random() < config.flip_p)
 
 
-def decode_reduction(crops: list[tuple], output_size: int) -> int:
-    """The largest power of two (at most 8) that keeps every crop at least ``output_size``."""
-    smallest = min(min(c[2], c[3]) for c in crops)
+def decode_reduction(crops: list[tuple], output_size: int | list[int]) -> int:
+    """The largest power of two (at most 8) that keeps every crop at least its output size."""
+    sizes = output_size if isinstance(output_size, list) else [output_size] * len(crops)
     factor = 1
-    while factor < 8 and smallest / (factor * 2) >= output_size:
+    while factor < 8 and all(min(c[2], c[3]) / (factor * 2) >= size
+                             for c, size in zip(crops, sizes)):
         factor *= 2
     return factor
 
@@ -117,14 +144,17 @@ def make_views(
     image_size: int,
     augment: AugmentConfig,
     quality: QualityConfig,
+    views: tuple[ViewSpec, ...] | list[ViewSpec] = HYBRID_VIEWS,
 ) -> dict[str, np.ndarray]:
     """Decode one image and cut its views; raises ``Rejected`` with a drop reason.
 
-    Returns ``view_a``, ``view_b``, ``view_mae`` (uint8, image_size x image_size x 3) and, when
-    photometric augmentation is left to the device, ``view_a_photometric`` and
-    ``view_b_photometric`` (float32 parameter rows).
+    Returns one uint8 (size, size, 3) array per view and, for photometric views when
+    photometric augmentation is left to the device, ``<view>_photometric`` (float32 parameter
+    rows). Randomness is drawn in a fixed order: every crop in view order, then the photometric
+    parameters of the photometric views in view order.
     """
     crops: list[tuple] = []
+    sizes = [view.size or image_size for view in views]
 
     def plan(full_size: tuple[int, int]) -> tuple[int, int]:
         nonlocal crops
@@ -132,25 +162,25 @@ def make_views(
         reason = size_reason(width, height, quality)
         if reason:
             raise Rejected(reason, f"{width}x{height}")
-        crops = [sample_crop(rng, width, height, augment.contrastive_crop),
-                 sample_crop(rng, width, height, augment.contrastive_crop),
-                 sample_crop(rng, width, height, augment.mae_crop)]
-        factor = decode_reduction(crops, image_size)
+        crops = [sample_crop(rng, width, height, view.crop) for view in views]
+        factor = decode_reduction(crops, sizes)
         return math.ceil(width / factor), math.ceil(height / factor)
 
     image, full_size = decode_image(data, quality.max_pixels, reduce_to=plan)
     if is_blank(image, quality):
         raise Rejected(BLANK)
     pixels = _as_tensor(image)
-    views = [_cut(pixels, crop, full_size, image_size) for crop in crops]
-    params = [sample_photometric(rng, augment.photometric, image_size) for _ in range(2)]
+    cut = [_cut(pixels, crop, full_size, size) for crop, size in zip(crops, sizes)]
+    params = {view.name: sample_photometric(rng, augment.photometric, size)
+              for view, size in zip(views, sizes) if view.photometric}
     out: dict[str, np.ndarray] = {}
     threshold = augment.photometric.solarize_threshold
-    for name, view, p in zip(("view_a", "view_b"), views[:2], params):
-        if augment.photometric_on == "data":
-            view = np.asarray(apply_photometric_pil(Image.fromarray(view), p, threshold))
-        else:
-            out[f"{name}_photometric"] = p
-        out[name] = view
-    out["view_mae"] = views[2]
+    for view, pixels_hwc in zip(views, cut):
+        p = params.get(view.name)
+        if p is not None and augment.photometric_on == "data":
+            pixels_hwc = np.asarray(apply_photometric_pil(Image.fromarray(pixels_hwc), p,
+                                                          threshold))
+        elif p is not None:
+            out[f"{view.name}_photometric"] = p
+        out[view.name] = pixels_hwc
     return out

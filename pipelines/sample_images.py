@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.augment import AugmentConfig, make_views
+from pipelines.augment import HYBRID_VIEWS, AugmentConfig, ViewSpec, make_views
 from pipelines.quality import QualityConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -51,8 +51,9 @@ def random_view_batches(
     batch_size: int,
     seed: int = 0,
     augment: AugmentConfig | None = None,
+    views: tuple[ViewSpec, ...] | list[ViewSpec] = HYBRID_VIEWS,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Endless batches of two contrastive views and one MAE view, uint8 (B, H, W, 3) each."""
+    """Endless batches of ``views`` (by default the hybrid's), uint8 (B, H, W, 3) each."""
     if not images:
         raise ValueError("no images to draw views from")
     augment = augment or AugmentConfig()
@@ -65,7 +66,7 @@ def random_view_batches(
     rng = np.random.default_rng(seed)
     while True:
         picks = rng.integers(0, len(encoded), batch_size)
-        rows = [make_views(encoded[i], rng, image_size, augment, quality) for i in picks]
+        rows = [make_views(encoded[i], rng, image_size, augment, quality, views) for i in picks]
         yield {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
 

@@ -3,7 +3,7 @@
     shard schedule (seeded permutation per epoch, from the cursor)
       -> read shards (tasks; a damaged shard is counted and the stream goes on)
       -> decode, filter, cut views (an actor pool on CPU resources)
-      -> view_a, view_b, view_mae (uint8), [photometric parameters], epoch, position
+      -> the views the objectives declared (uint8), [photometric parameters], epoch, position
 
 The dataset feeds ``ray.train.get_dataset_shard(...).iter_torch_batches(...)`` under Ray Train,
 or is iterated directly (``DataStage.iter_batches``) for benchmarks and debugging. Every image
@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import Field
 
-from pipelines.augment import AugmentConfig, make_views
+from pipelines.augment import HYBRID_VIEWS, AugmentConfig, ViewSpec, make_views
 from pipelines.cluster import ensure_ray
 from pipelines.cursor import CursorTracker, DataCursor, shard_schedule
 from pipelines.decode import Rejected
@@ -128,10 +128,12 @@ class _ViewMaker:
     """An actor of the decode/augment pool: bytes in, views out, drops counted by reason."""
 
     def __init__(self, image_size: int, augment: AugmentConfig, quality: QualityConfig,
-                 seed: int, counters, process_hook: Callable[[], None] | None = None):
+                 seed: int, counters, process_hook: Callable[[], None] | None = None,
+                 views: tuple[ViewSpec, ...] | list[ViewSpec] = HYBRID_VIEWS):
         if process_hook is not None:
             process_hook()
         self.image_size = image_size
+        self.views = list(views)
         self.augment = augment
         self.quality = quality
         self.seed = seed
@@ -146,25 +148,27 @@ class _ViewMaker:
             # Views depend on (seed, epoch, key) only: the same in any actor, on any rerun.
             rng = np.random.default_rng([self.seed, int(epoch), _stable_hash(str(key))])
             try:
-                rows.append(make_views(data, rng, self.image_size, self.augment, self.quality))
+                rows.append(make_views(data, rng, self.image_size, self.augment, self.quality,
+                                       self.views))
             except Rejected as rejected:
                 dropped[f"dropped_{rejected.reason}"] += 1
                 continue
             epochs.append(epoch)
             positions.append(position)
         _add(self.counters, {**dropped, "images_emitted": len(rows)})
-        size = self.image_size
-        names = ["view_a", "view_b", "view_mae"]
-        if self.augment.photometric_on == "device":
-            names += ["view_a_photometric", "view_b_photometric"]
         out = {}
-        for name in names:
-            if rows:
-                out[name] = np.stack([row[name] for row in rows])
-            elif name.endswith("photometric"):
-                out[name] = np.zeros((0, len(PHOTOMETRIC_FIELDS)), dtype=np.float32)
-            else:
-                out[name] = np.zeros((0, size, size, 3), dtype=np.uint8)
+        on_device = self.augment.photometric_on == "device"
+        for view in self.views:
+            size = view.size or self.image_size
+            names = [view.name] + ([f"{view.name}_photometric"]
+                                   if on_device and view.photometric else [])
+            for name in names:
+                if rows:
+                    out[name] = np.stack([row[name] for row in rows])
+                elif name.endswith("photometric"):
+                    out[name] = np.zeros((0, len(PHOTOMETRIC_FIELDS)), dtype=np.float32)
+                else:
+                    out[name] = np.zeros((0, size, size, 3), dtype=np.uint8)
         out["epoch"] = np.array(epochs, dtype=np.int64)
         out["position"] = np.array(positions, dtype=np.int64)
         return out
@@ -181,8 +185,10 @@ class DataStage:
 
     def __init__(self, config: DataConfig, image_size: int, options: StorageOptions | None = None,
                  cursor: DataCursor | None = None, address: str | None = None,
-                 run_name: str = "adhoc", process_hook: Callable[[], None] | None = None):
+                 run_name: str = "adhoc", process_hook: Callable[[], None] | None = None,
+                 views: tuple[ViewSpec, ...] | list[ViewSpec] = HYBRID_VIEWS):
         self.config = config
+        self.views = list(views)  # what the objectives declared: only these are cut
         # Called once in every process of the stage (the run's energy meter counts them).
         self.process_hook = process_hook
         self.image_size = image_size
@@ -218,6 +224,7 @@ class DataStage:
                 "image_size": self.image_size, "augment": self.config.augment,
                 "quality": self.config.quality, "seed": self.config.seed,
                 "counters": self._counters, "process_hook": self.process_hook,
+                "views": self.views,
             },
         )
         ds.context.execution_options.preserve_order = True

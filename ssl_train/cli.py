@@ -35,7 +35,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one config field, e.g. --set loss.mask_ratio=0.6 (repeatable)",
+        help="override one config field, e.g. --set objectives.mae.mask_ratio=0.6 (repeatable)",
     )
 
 

@@ -11,11 +11,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from pipelines.augment import ViewSpec, merge_views
 from pipelines.settings import StrictSection
 from pipelines.storage import CREDENTIALS_IN_URL, StorageUrl
 from pipelines.stream import DataConfig
+from ssl_train.objectives import ObjectiveConfig, objective_class, objective_names
 
 PACKAGED_CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -52,32 +61,11 @@ class EncoderConfig(StrictSection):
         return self
 
 
-class ProjectorConfig(StrictSection):
-    """The contrastive branch's MLP head: Linear-BN-ReLU-Linear."""
-
-    hidden_dim: PositiveInt = 2048
-    out_dim: PositiveInt = 128
-
-
-class DecoderConfig(StrictSection):
-    """The masked branch's lightweight transformer decoder."""
-
-    embed_dim: PositiveInt = 256
-    depth: PositiveInt = 4
-    num_heads: PositiveInt = 8
-    mlp_ratio: PositiveFloat = 4.0
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> "DecoderConfig":
-        _check_heads_divide_width(self.embed_dim, self.num_heads)
-        return self
-
-
 class ModelConfig(StrictSection):
+    """The shared encoder and the image size it sees (heads and decoders are the objectives')."""
+
     image_size: PositiveInt = 224
     encoder: EncoderConfig = EncoderConfig()
-    projector: ProjectorConfig = ProjectorConfig()
-    decoder: DecoderConfig = DecoderConfig()
 
     @model_validator(mode="after")
     def _consistent_shapes(self) -> "ModelConfig":
@@ -86,38 +74,11 @@ class ModelConfig(StrictSection):
                 f"model.image_size ({self.image_size}) must be a multiple of "
                 f"model.encoder.patch_size ({self.encoder.patch_size})"
             )
-        # The decoder exists to be thrown away; a decoder as large as the encoder would take over
-        # the reconstruction work that the encoder is supposed to learn.
-        if self.decoder.embed_dim > self.encoder.embed_dim:
-            raise ValueError(
-                f"model.decoder.embed_dim ({self.decoder.embed_dim}) must not exceed "
-                f"model.encoder.embed_dim ({self.encoder.embed_dim}): the decoder is the "
-                "lightweight part"
-            )
-        if self.decoder.depth > self.encoder.depth:
-            raise ValueError(
-                f"model.decoder.depth ({self.decoder.depth}) must not exceed "
-                f"model.encoder.depth ({self.encoder.depth}): the decoder is the lightweight part"
-            )
         return self
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.encoder.patch_size) ** 2
-
-
-class FixedWeights(StrictSection):
-    contrastive: NonNegativeFloat = 1.0
-    masked: NonNegativeFloat = 1.0
-
-
-class LossConfig(StrictSection):
-    objective: Literal["hybrid", "contrastive", "masked"] = "hybrid"
-    weighting: Literal["learned", "fixed"] = "learned"
-    fixed_weights: FixedWeights = FixedWeights()
-    temperature: PositiveFloat = 0.2
-    mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.75
-    norm_pix_loss: bool = True
 
 
 class OptimConfig(StrictSection):
@@ -245,18 +206,65 @@ class EnergyConfig(StrictSection):
         return grid_intensity_of(self.region)
 
 
+DEFAULT_OBJECTIVES = ("simclr", "mae")
+
+
+def _objective_configs(value: Any) -> list[ObjectiveConfig]:
+    """``objectives:`` as validated configs: a bare name takes that objective's defaults, a
+    mapping ``{name: mae, mask_ratio: 0.6}`` sets its fields. Problems are named by key
+    (``objectives.mae.mask_ratio``) in one message."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError("objectives must be a non-empty list of objective names or mappings "
+                         f"{{name: ..., field: value}} (known: {', '.join(objective_names())})")
+    configs, problems = [], []
+    for index, entry in enumerate(value):
+        if isinstance(entry, ObjectiveConfig):
+            configs.append(entry)
+            continue
+        raw = {"name": entry} if isinstance(entry, str) else entry
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            problems.append(f"objectives.{index} must be an objective name or a mapping with a "
+                            f"name (got {entry!r})")
+            continue
+        try:
+            config_class = objective_class(raw["name"]).config_class
+        except KeyError as err:
+            problems.append(f"objectives.{index}: {err.args[0]}")
+            continue
+        try:
+            configs.append(config_class.model_validate(raw))
+        except ValidationError as err:
+            problems += [_describe({**e, "loc": ("objectives", raw["name"], *e["loc"])})
+                         for e in err.errors()]
+    names = [c.name for c in configs]
+    problems += [f"objectives.{name} is listed twice" for name in sorted(set(names))
+                 if names.count(name) > 1]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return configs
+
+
 class PretrainConfig(StrictSection):
     """The whole job: one section per concern."""
 
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
-    loss: LossConfig = LossConfig()
+    # What the shared encoder learns from; see ssl_train/objectives/.
+    objectives: list[SerializeAsAny[ObjectiveConfig]] = Field(
+        default_factory=lambda: _objective_configs(list(DEFAULT_OBJECTIVES)))
+    # learned: uncertainty weighting (ssl_train/weighting.py); fixed: each objective's weight.
+    weighting: Literal["learned", "fixed"] = "learned"
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     parallel: ParallelConfig = ParallelConfig()
     data: DataConfig = DataConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     energy: EnergyConfig = EnergyConfig()
+
+    @field_validator("objectives", mode="before")
+    @classmethod
+    def _known_objectives(cls, value: Any) -> list[ObjectiveConfig]:
+        return _objective_configs(value)
 
     @model_validator(mode="after")
     def _batch_splits_into_micro_batches(self) -> "PretrainConfig":
@@ -277,14 +285,26 @@ class PretrainConfig(StrictSection):
                 f"over train.num_workers ({self.train.num_workers}) x "
                 f"optim.accumulation_steps ({self.optim.accumulation_steps})"
             )
-        if self.loss.objective != "masked" and (
-            self.train.global_batch_size // self.optim.accumulation_steps < 2
-        ):
-            raise ValueError(
-                "the contrastive loss needs at least 2 images per micro-batch "
-                "(train.global_batch_size / optim.accumulation_steps)"
-            )
+        for objective in self.objectives:
+            objective.check(self)
+        merge_views([view for objective in self.objectives for view in objective.views()])
         return self
+
+    def objective(self, name: str) -> ObjectiveConfig:
+        """The config of objective ``name`` (KeyError when the run does not train it)."""
+        for objective in self.objectives:
+            if objective.name == name:
+                return objective
+        raise KeyError(f"this run's objectives are {', '.join(self.objective_names)}, not {name}")
+
+    @property
+    def objective_names(self) -> list[str]:
+        return [objective.name for objective in self.objectives]
+
+    def views(self) -> list[ViewSpec]:
+        """The views the objectives read, each once: what the data stage cuts."""
+        return merge_views([view for objective in self.objectives
+                            for view in objective.views()])
 
     @property
     def learning_rate(self) -> float:
@@ -319,18 +339,50 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"--set {assignment!r} must look like dotted.key=value")
     parts = key.strip().split(".")
     node = raw
+    if parts[0] == "objectives" and len(parts) > 1 and "objectives" not in raw:
+        raw["objectives"] = list(DEFAULT_OBJECTIVES)
     for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, list):  # objectives.NAME.field: the entry of that objective
+            node = _entry_named(node, part, key)
+            continue
         child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        if not isinstance(child, dict) and not (part == "objectives" and isinstance(child, list)):
             raise ConfigError(
                 f"--set {key}: {'.'.join(parts[: depth + 1])} is a value, not a section"
             )
         node = child
+    if isinstance(node, list):
+        raise ConfigError(f"--set {key}: set a field of the objective (objectives.NAME.field=...) "
+                          "or the whole list (objectives=[...])")
     try:
-        node[parts[-1]] = yaml.safe_load(value_text) if value_text.strip() else ""
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {key}: value {value_text!r} is not valid YAML "
                           f"({yaml_problem(err)})") from None
+    if node is raw and parts == ["objectives"] and isinstance(value, list):
+        value = _keep_configured(raw.get("objectives"), value)
+    node[parts[-1]] = value
+
+
+def _keep_configured(before: Any, after: list) -> list:
+    """``--set objectives=[mae]`` on a config that sets mae's fields keeps them: a bare name
+    that the config already lists takes that entry (a new name takes the objective's defaults)."""
+    configured = {e["name"]: e for e in before or [] if isinstance(e, dict) and "name" in e}
+    return [configured.get(e, e) if isinstance(e, str) else e for e in after]
+
+
+def _entry_named(entries: list, name: str, key: str) -> dict:
+    """The mapping of the list entry called ``name`` (a bare name becomes a mapping)."""
+    for index, entry in enumerate(entries):
+        if entry == name:
+            entries[index] = {"name": name}
+            return entries[index]
+        if isinstance(entry, dict) and entry.get("name") == name:
+            return entry
+    names = [e if isinstance(e, str) else e.get("name") for e in entries
+             if isinstance(e, (str, dict))]
+    raise ConfigError(f"--set {key}: the run has no objective {name} (its objectives: "
+                      f"{', '.join(map(str, names))})")
 
 
 def yaml_problem(err: yaml.YAMLError) -> str:
@@ -345,7 +397,10 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         return f"unknown key {key}"
     message = error["msg"].removeprefix("Value error, ")
-    if message.startswith(f"{key}.") or message.startswith(("train.", "optim.", "energy.", "the ")):
+    if key == "objectives" and error["type"] == "value_error":
+        return message  # _objective_configs names each key itself
+    if message.startswith(f"{key}.") or message.startswith(
+            ("train.", "optim.", "energy.", "objectives.", "model.", "the ", "two ")):
         return message  # a cross-field check that names its keys itself
     if "input" in error and error["type"] not in ("missing",) and not isinstance(
         error["input"], dict

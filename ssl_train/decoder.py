@@ -8,12 +8,34 @@ representation work has to happen in the encoder.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field, model_validator
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ssl_train.config import DecoderConfig
+from pipelines.settings import StrictSection
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class DecoderConfig(StrictSection):
+    """The masked branch's lightweight transformer decoder."""
+
+    embed_dim: PositiveInt = 256
+    depth: PositiveInt = 4
+    num_heads: PositiveInt = 8
+    mlp_ratio: PositiveFloat = 4.0
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "DecoderConfig":
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be a multiple of num_heads "
+                             f"({self.num_heads})")
+        return self
 
 
 def sincos_pos_embed(grid_size: int, dim: int, num_prefix_tokens: int = 1) -> torch.Tensor:

@@ -25,7 +25,7 @@ from pipelines.storage import StorageError, StorageOptions, open_filesystem, sto
 from ssl_train.checkpoint import load_model_weights, local_copy, read_train_state
 from ssl_train.config import PretrainConfig
 from ssl_train.health import knn_accuracy
-from ssl_train.model import HybridSSL
+from ssl_train.model import SSLModel
 from ssl_train.step import normalize_views
 
 
@@ -34,11 +34,11 @@ class EvalDataError(StorageError):
 
 
 def load_model(checkpoint: str, options: StorageOptions | None = None
-               ) -> tuple[HybridSSL, PretrainConfig, dict[str, Any]]:
+               ) -> tuple[SSLModel, PretrainConfig, dict[str, Any]]:
     """The model of a checkpoint on the CPU in eval mode, its config and its train state."""
     state = read_train_state(checkpoint, options)
     config = PretrainConfig.model_validate(state["config"])
-    model = HybridSSL(config.model, config.loss)
+    model = SSLModel(config)
     with local_copy(checkpoint, options) as local_dir:
         load_model_weights(local_dir, model, checkpoint)
     return model.eval(), config, state
@@ -109,7 +109,7 @@ def _label_order(label: str):
 
 
 @torch.no_grad()
-def encode_all(model: HybridSSL, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+def encode_all(model: SSLModel, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
     """Pooled encoder features of uint8 images (N, S, S, 3), (N, D) float32."""
     parts = []
     for start in range(0, len(images), batch_size):

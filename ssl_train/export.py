@@ -52,12 +52,12 @@ def export(checkpoint: str, out: str | Path, options: StorageOptions | None = No
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weights = {key: tensor.detach().contiguous()
-               for key, tensor in model.encoder.state_dict().items()}
+               for key, tensor in model.export_encoder().state_dict().items()}
     save_file(weights, str(out / WEIGHTS), metadata={"format": "pt"})
     name, model_args = timm_architecture(config.model)
     meta = {"architecture": name, "model_args": model_args,
             "source": {"checkpoint": checkpoint, "step": int(state["step"]),
-                       "run": config.run.name, "objective": config.loss.objective},
+                       "run": config.run.name, "objectives": config.objective_names},
             "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
             "load": "timm.create_model(architecture, pretrained=True, **model_args, "
                     "pretrained_cfg_overlay=dict(file=<this folder>/model.safetensors, "

@@ -26,23 +26,28 @@ def blocks_forward_flops(tokens: int, width: int, depth: int, mlp_ratio: float) 
 
 
 def step_flops(config: PretrainConfig, images: int) -> dict[str, float]:
-    """Forward FLOPs of each part of a step on ``images`` images, and ``total`` (x3, fwd + bwd)."""
-    model, enc, dec = config.model, config.model.encoder, config.model.decoder
+    """Forward FLOPs of each part of a step on ``images`` images, and ``total`` (x3, fwd + bwd).
+
+    Counts the two built-in objectives (simclr, mae); others are not counted.
+    """
+    model, enc = config.model, config.model.encoder
     patches = model.num_patches
     patch_pixels = 3 * enc.patch_size**2
-    objective = config.loss.objective
+    names = config.objective_names
     parts: dict[str, float] = {}
     views = 0
-    if objective in ("hybrid", "contrastive"):
+    if "simclr" in names:
         views += 2
         parts["encoder_contrastive"] = 2 * blocks_forward_flops(
             patches + 1, enc.embed_dim, enc.depth, enc.mlp_ratio)
-        proj = model.projector
+        proj = config.objective("simclr").projector
         parts["projector"] = 2 * 2 * (enc.embed_dim * proj.hidden_dim
                                       + proj.hidden_dim * proj.out_dim)
-    if objective in ("hybrid", "masked"):
+    if "mae" in names:
+        mae = config.objective("mae")
+        dec = mae.decoder
         views += 1
-        visible = num_visible(patches, config.loss.mask_ratio) + 1
+        visible = num_visible(patches, mae.mask_ratio) + 1
         parts["encoder_visible"] = blocks_forward_flops(visible, enc.embed_dim, enc.depth,
                                                         enc.mlp_ratio)
         parts["decoder"] = (2 * visible * enc.embed_dim * dec.embed_dim

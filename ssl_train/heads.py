@@ -8,11 +8,22 @@ only; ``GlobalBatchNorm1d`` does it on any ``torch.distributed`` backend (gloo i
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from pipelines.settings import StrictSection
 from ssl_train.collectives import all_gather_with_grad, world_size
+
+
+class ProjectorConfig(StrictSection):
+    """The contrastive branch's MLP head: Linear-BN-ReLU-Linear."""
+
+    hidden_dim: Annotated[int, Field(gt=0)] = 2048
+    out_dim: Annotated[int, Field(gt=0)] = 128
 
 
 def _float(param: torch.Tensor | None) -> torch.Tensor | None:

@@ -206,7 +206,8 @@ def train(config: PretrainConfig, address: str | None = None,
         cursor = (DataCursor.from_dict(read_train_state(latest, options)["cursor"]) if latest
                   else DataCursor(seed=config.data.seed))
         return DataStage(config.data, image_size, options, cursor=cursor,
-                         run_name=config.run.name, process_hook=hook).dataset()
+                         run_name=config.run.name, process_hook=hook,
+                         views=config.views()).dataset()
 
     storage_path, storage_fs = _storage_filesystem(config.run.output_dir, options)
     loop_config: dict[str, Any] = {

@@ -33,7 +33,7 @@ from torch.distributed.fsdp import (
     register_fsdp_forward_method,
 )
 
-from ssl_train.model import HybridSSL
+from ssl_train.model import SSLModel
 
 _SHORT = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -67,7 +67,7 @@ def resolve_precision(device: torch.device, mixed_precision: str, sharded: bool 
 
 
 def apply_parallelism(
-    model: HybridSSL,
+    model: SSLModel,
     device: torch.device,
     mixed_precision: str = "auto",
     activation_checkpointing: bool = False,
@@ -76,7 +76,7 @@ def apply_parallelism(
 ) -> nn.Module:
     """Shard ``model`` across the default process group (a no-op without one); returns it."""
     model.to(device)
-    containers = [model.encoder.blocks] + ([model.decoder.blocks] if model.decoder else [])
+    containers = model.block_containers()
     if activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
             checkpoint_wrapper,

@@ -21,7 +21,6 @@ from ssl_train.config import PretrainConfig
 from ssl_train.health import embedding_std
 from ssl_train.parallel import reshard
 
-VIEW_KEYS = ("view_a", "view_b", "view_mae")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -33,14 +32,15 @@ def normalize_views(
 ) -> dict[str, torch.Tensor]:
     """uint8 views (B, H, W, 3) -> normalised float images (B, 3, H, W) on ``device``.
 
-    A view that comes with ``<view>_photometric`` parameters gets its photometric augmentation
-    here, batched on ``device``, before normalisation.
+    Views are the batch's ``view_*`` entries. A view that comes with ``<view>_photometric``
+    parameters gets its photometric augmentation here, batched on ``device``, before
+    normalisation.
     """
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     views = {}
-    for key in VIEW_KEYS:
-        if key not in batch:
+    for key in batch:
+        if not key.startswith("view_") or key.endswith("_photometric"):
             continue
         images = torch.as_tensor(batch[key]).to(device, non_blocking=True)
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
@@ -61,28 +61,31 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     views: Mapping[str, torch.Tensor],
     config: PretrainConfig,
-    mask_order: torch.Tensor | None = None,
+    inputs: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Forward, backward (accumulated over micro-batches), clip, step; returns what to log.
 
-    ``mask_order`` (B, N) int64 decides the masked branch's patches for this worker's B images.
+    ``inputs`` are the objectives' per-step inputs for this worker's images (``step_inputs``,
+    e.g. the masking order), chunked into micro-batches with the views.
     """
     accumulation = config.optim.accumulation_steps
-    inputs = dict(views)
-    if mask_order is not None:
-        inputs["mask_order"] = mask_order
-    parts = {key: tensor.chunk(accumulation) for key, tensor in inputs.items()}
-    chunks = [{key: parts[key][i] for key in parts} for i in range(accumulation)]
+    inputs = dict(inputs or {})
+
+    def chunked(tensors: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        parts = {key: tensor.chunk(accumulation) for key, tensor in tensors.items()}
+        return [{key: parts[key][i] for key in parts} for i in range(accumulation)]
+
+    chunks = list(zip(chunked(views), chunked(inputs)))
     optimizer.zero_grad(set_to_none=True)
     summed: dict[str, float] = {}
     embeddings = []
     sharded = isinstance(model, FSDPModule)
     if sharded:  # gathered once for every micro-batch and every encoder pass: see parallel.py
         model.set_reshard_after_backward(False)
-    for index, chunk in enumerate(chunks):
+    for index, (views_chunk, inputs_chunk) in enumerate(chunks):
         if sharded:  # reduce once, after the last micro-batch
             model.set_requires_gradient_sync(index == len(chunks) - 1)
-        output = model(**chunk)
+        output = model(views_chunk, inputs_chunk)
         (output.loss / len(chunks)).backward()
         logged = {"loss": output.loss.detach()}
         logged |= {f"loss_{name}": value for name, value in output.losses.items()}
@@ -102,6 +105,7 @@ def train_step(
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
+    model.after_step(scheduler.last_epoch)  # EMA teachers and schedules of the objectives
     summed["lr"] = lr
     summed["grad_norm"] = float(grad_norm)
     if embeddings:

@@ -1,4 +1,4 @@
-"""How the two losses are combined: learned (homoscedastic uncertainty) or fixed weights.
+"""How the objectives' losses are combined: learned (homoscedastic uncertainty) or fixed weights.
 
 Learned weighting follows Kendall, Gal and Cipolla (2018): each loss L_i gets a learned log
 variance s_i and the total is sum_i exp(-s_i) * L_i + s_i. The + s_i term keeps the weights from
@@ -12,27 +12,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ssl_train.config import LossConfig
-
-
-def active_losses(config: LossConfig) -> tuple[str, ...]:
-    """The loss components an objective trains."""
-    return ("contrastive", "masked") if config.objective == "hybrid" else (config.objective,)
-
 
 class LossWeighting(nn.Module):
-    """Combine named loss components into one scalar and report the weights used."""
+    """Combine named loss components into one scalar and report the weights used.
 
-    def __init__(self, config: LossConfig):
+    ``learned`` with one component is plain 1 x L; ``fixed`` uses ``fixed`` (one weight per
+    name; a lone component gets 1).
+    """
+
+    def __init__(self, names: tuple[str, ...], learned: bool, fixed: tuple[float, ...] = ()):
         super().__init__()
-        self.names = active_losses(config)
-        self.learned = config.weighting == "learned" and len(self.names) > 1
+        self.names = tuple(names)
+        self.learned = learned and len(self.names) > 1
         if self.learned:
             self.log_vars = nn.Parameter(torch.zeros(len(self.names)))
         else:
-            fixed = [getattr(config.fixed_weights, n) if len(self.names) > 1 else 1.0
-                     for n in self.names]
-            self.register_buffer("fixed_weights", torch.tensor(fixed), persistent=False)
+            weights = list(fixed) if len(self.names) > 1 else [1.0]
+            self.register_buffer("fixed_weights", torch.tensor(weights), persistent=False)
 
     def weights(self) -> torch.Tensor:
         """The current multiplier of each loss, in ``self.names`` order."""

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -41,31 +40,10 @@ from ssl_train.health import (
     knn_accuracy,
     uniformity,
 )
-from ssl_train.masking import mask_order
+from ssl_train.loop import Trainer, average_over_ranks, progress_line
 from ssl_train.metrics_log import MetricsLog
-from ssl_train.model import HybridSSL
-from ssl_train.optim import build_optimizer, build_scheduler
-from ssl_train.parallel import apply_parallelism, resolve_precision
-from ssl_train.runner import progress_line
-from ssl_train.step import normalize_views, train_step
+from ssl_train.step import normalize_views
 from ssl_train.telemetry import TrainingTelemetry
-
-
-def step_seed(seed: int, step: int, stream: int = 0) -> int:
-    """A seed for one step's randomness, independent across (seed, step, stream)."""
-    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0])
-
-
-def global_mask_order(config: PretrainConfig, step: int, rank: int, world: int) -> torch.Tensor:
-    """This rank's rows of the masking order (int64 patch indices) of the global batch at ``step``.
-
-    Drawn for the global batch and sliced, so 1 worker and N workers mask the same patches.
-    """
-    generator = torch.Generator().manual_seed(step_seed(config.train.seed, step, 1))
-    noise = torch.rand(config.train.global_batch_size, config.model.num_patches,
-                       generator=generator)
-    per_rank = config.train.global_batch_size // world
-    return mask_order(noise[rank * per_rank:(rank + 1) * per_rank])
 
 
 def _say(line: str) -> None:
@@ -80,17 +58,6 @@ def _broadcast(value: Any) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _average(record: dict[str, float]) -> dict[str, float]:
-    """Metric values averaged over ranks (the global value for means over equal batches)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return record
-    keys = sorted(record)
-    values = torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(values)
-    values /= dist.get_world_size()
-    return dict(zip(keys, values.tolist()))
 
 
 def _gather_objects(value: Any) -> list[Any]:
@@ -111,17 +78,24 @@ def _gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def representation_health(model, held: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Collapse signals on the held batch (collective: every rank calls; all get the values)."""
+    """Collapse signals on the held batch (collective: every rank calls; all get the values).
+
+    The embeddings are of the first declared view; alignment, between the first two views (two
+    augmentations of the same images), when the objectives declare two.
+    """
+    names = [view.name for view in model.views() if view.name in held][:2]
     model.eval()
     try:
-        features_a, features_b = model.embed(held["view_a"]), model.embed(held["view_b"])
+        embedded = [_gather_rows(model.embed(held[name]).float()) for name in names]
     finally:
         model.train()
-    z_a, z_b = _gather_rows(features_a.float()), _gather_rows(features_b.float())
-    return {"embedding_std": embedding_std(z_a),
-            "embedding_std_healthy": healthy_embedding_std(z_a.shape[1]),
-            "effective_rank": effective_rank(z_a),
-            "alignment": alignment(z_a, z_b), "uniformity": uniformity(z_a)}
+    z_a = embedded[0]
+    health = {"embedding_std": embedding_std(z_a),
+              "embedding_std_healthy": healthy_embedding_std(z_a.shape[1]),
+              "effective_rank": effective_rank(z_a), "uniformity": uniformity(z_a)}
+    if len(embedded) == 2:
+        health["alignment"] = alignment(z_a, embedded[1])
+    return health
 
 
 class DigitsMonitor:
@@ -207,16 +181,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     is_chief = rank == 0
 
-    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
-    model = HybridSSL(config.model, config.loss)
-    model = apply_parallelism(model, device, config.parallel.mixed_precision,
-                              config.parallel.activation_checkpointing,
-                              config.parallel.reshard_after_forward, config.parallel.compile)
-    precision = resolve_precision(device, config.parallel.mixed_precision,
-                                  sharded=dist.is_available() and dist.is_initialized())
-    model.train()
-    optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, config)
+    trainer = Trainer(config, device, rank, world)
+    model, optimizer, scheduler = trainer.model, trainer.optimizer, trainer.scheduler
+    precision = trainer.precision
 
     step, cursor, samples_replayed = 0, DataCursor(seed=config.data.seed), 0
     resume_uri = _broadcast(latest_complete_checkpoint(run_uri, options) if is_chief else None)
@@ -254,7 +221,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     per_worker = config.train.global_batch_size // world
     shard = ray.train.get_dataset_shard("train")
     batches = iter(shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device="cpu"))
-    threshold = config.data.augment.photometric.solarize_threshold
     started = time.perf_counter()
     first_step = step
     exhausted = False
@@ -300,15 +266,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         data_wait = time.perf_counter() - wait_started
         step_started = time.perf_counter()
         tracker.observe(batch["epoch"].numpy(), batch["position"].numpy())
-        views = normalize_views(batch, device, threshold)
         if held is None:  # the monitor's held batch: this worker's first batch, kept
-            held = {key: value[:64] for key, value in views.items()}
-        torch.manual_seed(step_seed(config.train.seed, step, 2 + rank))  # drop path
-        order = global_mask_order(config, step, rank, world)
-        record = train_step(model, optimizer, scheduler, views, config, order)
+            held = normalize_views({key: value[:64] for key, value in batch.items()}, device,
+                                   config.data.augment.photometric.solarize_threshold)
+        record = trainer.step(batch, step)
         step += 1
         step_seconds = time.perf_counter() - step_started + data_wait
-        record = _average({**record, "step_seconds": step_seconds, "data_wait_seconds": data_wait})
+        record = average_over_ranks({**record, "step_seconds": step_seconds,
+                                     "data_wait_seconds": data_wait})
         record["images_per_second"] = config.train.global_batch_size / record["step_seconds"]
         if step % config.telemetry.health_every == 0:
             health = representation_health(model, held)

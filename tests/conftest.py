@@ -100,8 +100,8 @@ def free_port() -> int:
 # A model small enough for multi-worker runs in tests, on the tiny-cpu config.
 TINY_OVERRIDES = [
     "model.image_size=32", "model.encoder.depth=2", "model.encoder.embed_dim=96",
-    "model.encoder.num_heads=2", "model.decoder.depth=1", "model.decoder.embed_dim=64",
-    "model.decoder.num_heads=2", "model.projector.hidden_dim=128", "model.projector.out_dim=64",
+    "model.encoder.num_heads=2", "objectives.mae.decoder.depth=1", "objectives.mae.decoder.embed_dim=64",
+    "objectives.mae.decoder.num_heads=2", "objectives.simclr.projector.hidden_dim=128", "objectives.simclr.projector.out_dim=64",
     "train.global_batch_size=8", "train.log_every=1", "data.quality.min_side=32",
 ]
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.augment import AugmentConfig, make_views
+from pipelines.augment import AugmentConfig, ViewSpec, make_views
 from pipelines.decode import Rejected, decode_image, open_image
 from pipelines.quality import DROP_REASONS, QualityConfig
 from pipelines.sample_images import sample_photograph_dir
@@ -374,10 +374,12 @@ def test_views_of_a_bad_file_are_refused_with_its_drop_reason(build, reason):
 def test_views_of_a_rotated_photo_are_cut_from_the_upright_image(fmt):
     # Full-image crops with the upright aspect ratio: each view is the whole upright photo.
     full_crop = {"scale": (1.0, 1.0), "ratio": (427 / 640, 427 / 640), "flip_p": 0.0}
-    augment = AugmentConfig(contrastive_crop=full_crop, mae_crop=full_crop, photometric_on="device")
+    augment = AugmentConfig(photometric_on="device")
+    specs = [ViewSpec(name=name, crop=full_crop, photometric=name != "view_mae")
+             for name in ("view_a", "view_b", "view_mae")]
     source = _photograph("rocket.jpg")
     data = _with_orientation(source, fmt, 6)
-    views = make_views(data, np.random.default_rng(0), 64, augment, QualityConfig())
+    views = make_views(data, np.random.default_rng(0), 64, augment, QualityConfig(), specs)
     expected = np.asarray(source.transpose(UPRIGHT[6]).resize((64, 64), Image.Resampling.BILINEAR),
                           dtype=np.int32)
     for name in ("view_a", "view_b", "view_mae"):

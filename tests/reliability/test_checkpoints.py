@@ -26,7 +26,7 @@ from ssl_train.checkpoint import CheckpointError, load_checkpoint
 from ssl_train.cli import main
 from ssl_train.config import load_config
 from ssl_train.launcher import train
-from ssl_train.model import HybridSSL
+from ssl_train.model import SSLModel
 from ssl_train.optim import build_optimizer
 from tests.reliability.conftest import tiny_overrides
 
@@ -164,7 +164,7 @@ def test_a_metadata_pickle_that_runs_code_is_refused_and_the_code_never_runs(run
 
 def _model_and_optimizer():
     config = load_config("tiny-cpu", tiny_overrides())
-    model = HybridSSL(config.model, config.loss)
+    model = SSLModel(config)
     return model, build_optimizer(model, config)
 
 

@@ -34,14 +34,36 @@ def test_config_is_selectable_by_path(tmp_path):
 def test_overrides_set_any_field_with_yaml_typed_values():
     config = load_config(
         "tiny-cpu",
-        ["loss.mask_ratio=0.6", "loss.norm_pix_loss=false", "model.encoder.depth=3",
-         "run.name=ablation-1", "loss.weighting=fixed"],
+        ["objectives.mae.mask_ratio=0.6", "objectives.mae.norm_pix_loss=false",
+         "model.encoder.depth=3", "run.name=ablation-1", "weighting=fixed",
+         "objectives.simclr.weight=0.5"],
     )
-    assert config.loss.mask_ratio == 0.6
-    assert config.loss.norm_pix_loss is False
+    assert config.objective("mae").mask_ratio == 0.6
+    assert config.objective("mae").norm_pix_loss is False
+    assert config.objective("mae").decoder.depth == 2  # the file's other fields stay
     assert config.model.encoder.depth == 3
     assert config.run.name == "ablation-1"
-    assert config.loss.weighting == "fixed"
+    assert config.weighting == "fixed" and config.objective("simclr").weight == 0.5
+
+
+def test_objectives_are_a_list_of_names_or_mappings(tmp_path):
+    # A bare name in a file takes the objective's defaults; a mapping sets its fields.
+    path = tmp_path / "mine.yaml"
+    path.write_text("objectives: [simclr, {name: mae, mask_ratio: 0.6}]\n"
+                    "energy: {region: world}\n")
+    config = load_config(str(path))
+    assert config.objective_names == ["simclr", "mae"]
+    assert config.objective("simclr").temperature == 0.2
+    assert config.objective("mae").mask_ratio == 0.6
+    # --set objectives=[mae] keeps what the config set for mae and drops the rest...
+    masked = load_config("tiny-cpu", ["objectives=[mae]"])
+    assert masked.objective_names == ["mae"]
+    assert masked.objective("mae") == load_config("tiny-cpu").objective("mae")
+    # ...so the data stage cuts only MAE's view.
+    assert [view.name for view in masked.views()] == ["view_mae"]
+    assert [v.name for v in load_config("tiny-cpu").views()] == ["view_a", "view_b", "view_mae"]
+    # The resolved config (what checkpoints and workers get) loads back to the same objectives.
+    assert validate_config(masked.model_dump(mode="json")) == masked
 
 
 def test_print_config_prints_the_resolved_config_that_loads_back(capsys, tmp_path):
@@ -53,21 +75,24 @@ def test_print_config_prints_the_resolved_config_that_loads_back(capsys, tmp_pat
 
 
 BAD_OVERRIDES = [
-    ("loss.mask_ratio=1.0", "loss.mask_ratio"),
-    ("loss.mask_ratio=0", "loss.mask_ratio"),
-    ("loss.mask_ratio=-0.2", "loss.mask_ratio"),
+    ("objectives.mae.mask_ratio=1.0", "objectives.mae.mask_ratio"),
+    ("objectives.mae.mask_ratio=0", "objectives.mae.mask_ratio"),
+    ("objectives.mae.mask_ratio=-0.2", "objectives.mae.mask_ratio"),
     ("train.global_batch_size=0", "train.global_batch_size"),
-    ("loss.temperature=0", "loss.temperature"),
-    ("loss.temperature=-1", "loss.temperature"),
+    ("objectives.simclr.temperature=0", "objectives.simclr.temperature"),
+    ("objectives.simclr.temperature=-1", "objectives.simclr.temperature"),
     ("train.steps=ten", "train.steps"),
     ("model.image_size=70", "model.image_size"),
-    ("loss.mask_ratoi=0.5", "loss.mask_ratoi"),
+    ("objectives.mae.mask_ratoi=0.5", "objectives.mae.mask_ratoi"),
     ("model.encoder.num_heads=5", "model.encoder"),
-    ("loss.objective=simclr", "loss.objective"),
-    ("loss.weighting=adaptive", "loss.weighting"),
+    ("objectives=[simclr, dino2]", "dino2"),
+    ("objectives=[]", "objectives"),
+    ("objectives=[mae, mae]", "objectives.mae is listed twice"),
+    ("objectives.byol.weight=2", "no objective byol"),
+    ("weighting=adaptive", "weighting"),
     ("optim.accumulation_steps=0", "optim.accumulation_steps"),
     ("optim.accumulation_steps=3", "optim.accumulation_steps"),
-    ("model.decoder.depth=12", "model.decoder.depth"),
+    ("objectives.mae.decoder.depth=12", "objectives.mae.decoder.depth"),
     ("run.name=../escape", "run.name"),
     ("train.global_batch_size=1", "train.global_batch_size"),
     ("model.encoder=3", "model.encoder"),
@@ -85,18 +110,20 @@ def test_bad_values_exit_2_naming_the_key(override, key, capsys):
 
 def test_bad_config_file_exits_2_from_the_installed_command(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("loss:\n  temperature: 0\nmodel:\n  batch: 3\n")
+    bad.write_text("objectives: [{name: simclr, temperature: 0}]\nmodel:\n  batch: 3\n")
     result = subprocess.run(
         [sys.executable, "-m", "ssl_train.cli", "train", "--config", str(bad)],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2
-    assert "loss.temperature" in result.stderr and "unknown key model.batch" in result.stderr
+    assert "objectives.simclr.temperature" in result.stderr
+    assert "unknown key model.batch" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("text,fragment", [
-    ("loss: [1, 2]\n", "loss"),
+    ("model: [1, 2]\n", "model"),
+    ("objectives: {name: mae}\n", "objectives must be a non-empty list"),
     ("- a\n- b\n", "mapping"),
     ("model: {image_size: 64\n", "not valid YAML"),
 ])
@@ -113,9 +140,9 @@ def test_missing_config_and_bad_override_syntax_are_named():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nowhere/config.yaml")
     with pytest.raises(ConfigError, match="dotted.key=value"):
-        load_config("tiny-cpu", ["loss.mask_ratio"])
-    with pytest.raises(ConfigError, match="loss.mask_ratio is a value"):
-        load_config("tiny-cpu", ["loss.mask_ratio.x=1"])
+        load_config("tiny-cpu", ["objectives.mae.mask_ratio"])
+    with pytest.raises(ConfigError, match="model.image_size is a value"):
+        load_config("tiny-cpu", ["model.image_size.x=1"])
 
 
 def test_validate_config_rejects_non_mappings():

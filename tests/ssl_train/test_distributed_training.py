@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import ray.cloudpickle
 import s3fs
-import torch
 
 from ssl_train.checkpoint import is_complete, load_checkpoint, local_copy, read_train_state
 from ssl_train.config import load_config
 from ssl_train.launcher import train
-from ssl_train.model import HybridSSL
+from ssl_train.model import SSLModel
 from ssl_train.optim import build_optimizer
 from tests.conftest import TINY_OVERRIDES
 
@@ -52,10 +51,7 @@ def _first_steps(loop_config):
 
     from pipelines.sample_images import random_view_batches, sample_photographs
     from ssl_train.config import PretrainConfig
-    from ssl_train.optim import build_scheduler
-    from ssl_train.parallel import apply_parallelism
-    from ssl_train.step import normalize_views, train_step
-    from ssl_train.worker import _average, global_mask_order
+    from ssl_train.loop import Trainer, average_over_ranks
 
     config = PretrainConfig.model_validate(loop_config["config"])
     rank = ray.train.get_context().get_world_rank()
@@ -64,15 +60,8 @@ def _first_steps(loop_config):
                                      config.train.global_batch_size, seed=5))
     per = config.train.global_batch_size // world
     mine = {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
-    torch.manual_seed(config.train.seed)
-    model = apply_parallelism(HybridSSL(config.model, config.loss), torch.device("cpu"))
-    optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, config)
-    losses = []
-    for step in range(2):
-        record = train_step(model, optimizer, scheduler, normalize_views(mine), config,
-                            global_mask_order(config, step, rank, world))
-        losses.append(_average(record))
+    trainer = Trainer(config, "cpu", rank, world)
+    losses = [average_over_ranks(trainer.step(mine, step)) for step in range(2)]
     if rank == 0:
         Path(loop_config["out"]).write_text(json.dumps(
             {f"{key}_{i}": value for i, record in enumerate(losses)
@@ -116,7 +105,7 @@ def _s3(endpoint):
 
 
 def _adam_steps(local_dir, config) -> set[int]:
-    model = HybridSSL(config.model, config.loss)
+    model = SSLModel(config)
     optimizer = build_optimizer(model, config)
     load_checkpoint(local_dir, model, optimizer)
     return {int(state["step"]) for state in optimizer.state.values()}

@@ -263,8 +263,8 @@ def test_two_workers_and_the_data_stage_count_the_node_once_and_a_killed_run_rep
     executable = Path(sys.executable).parent / "ssl-pretrain"
     tiny = [
         "model.image_size=32", "model.encoder.depth=2", "model.encoder.embed_dim=96",
-        "model.encoder.num_heads=2", "model.decoder.depth=1", "model.decoder.embed_dim=64",
-        "model.decoder.num_heads=2", "model.projector.hidden_dim=128", "model.projector.out_dim=64",
+        "model.encoder.num_heads=2", "objectives.mae.decoder.depth=1", "objectives.mae.decoder.embed_dim=64",
+        "objectives.mae.decoder.num_heads=2", "objectives.simclr.projector.hidden_dim=128", "objectives.simclr.projector.out_dim=64",
         "train.global_batch_size=8", "data.quality.min_side=32",
         f"run.output_dir={tmp_path}", "run.name=killed", "train.steps=400",
         "train.checkpoint_every=5", "energy.interval_seconds=0.25",

@@ -21,8 +21,8 @@ from ssl_train.checkpoint import save_checkpoint
 from ssl_train.config import load_config
 from ssl_train.evaluate import evaluate_features, labelled_images, load_model
 from ssl_train.export import export, load_exported
+from ssl_train.loop import train_in_process
 from ssl_train.optim import build_optimizer
-from ssl_train.runner import run_in_process
 from tests.conftest import TINY_OVERRIDES
 
 
@@ -60,7 +60,7 @@ def checkpoint(tmp_path_factory, photographs):
                                       f"run.output_dir={root}", "run.name=short"])
     batches = random_view_batches(photographs, config.model.image_size,
                                   config.train.global_batch_size, seed=0)
-    model = run_in_process(config, batches, root / "short", log=lambda line: None)
+    model = train_in_process(config, batches, root / "short", log=lambda line: None)
     directory = root / "short" / "checkpoint_000000004"
     directory.mkdir()
     save_checkpoint(directory, model, build_optimizer(model, config),

@@ -30,11 +30,7 @@ KEYS = ("loss", "loss_contrastive", "loss_masked", "weight_contrastive", "weight
 def _rank_main(rank: int, world: int, port: int, out: str) -> None:
     from pipelines.sample_images import random_view_batches, sample_photographs
     from ssl_train.config import load_config
-    from ssl_train.model import HybridSSL
-    from ssl_train.optim import build_optimizer, build_scheduler
-    from ssl_train.parallel import apply_parallelism
-    from ssl_train.step import normalize_views, train_step
-    from ssl_train.worker import _average, global_mask_order
+    from ssl_train.loop import Trainer, average_over_ranks
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
@@ -43,16 +39,12 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
         config = load_config("tiny-cpu", [*TINY_OVERRIDES, "optim.warmup_steps=0"])
         batches = random_view_batches(sample_photographs(), config.model.image_size,
                                       config.train.global_batch_size, seed=5)
-        torch.manual_seed(config.train.seed)
-        model = apply_parallelism(HybridSSL(config.model, config.loss), torch.device("cpu"))
-        optimizer = build_optimizer(model, config)
-        scheduler = build_scheduler(optimizer, config)
+        trainer = Trainer(config, "cpu", rank, world)
         per = config.train.global_batch_size // world
         steps = []
         for step in range(2):
             mine = {k: v[rank * per:(rank + 1) * per] for k, v in next(batches).items()}
-            record = _average(train_step(model, optimizer, scheduler, normalize_views(mine),
-                                         config, global_mask_order(config, step, rank, world)))
+            record = average_over_ranks(trainer.step(mine, step))
             steps.append({key: record[key] for key in KEYS})
         if rank == 0:
             Path(out).write_text(json.dumps(steps))

@@ -1,4 +1,4 @@
-"""HybridSSL's structure: what the encoder sees, what each objective builds, the encoder sizes."""
+"""SSLModel's structure: what the encoder sees, what each objective builds, the encoder sizes."""
 
 from __future__ import annotations
 
@@ -7,13 +7,21 @@ import timm
 import torch
 
 from ssl_train.config import load_config
+from ssl_train.encoder import encode_visible
+from ssl_train.losses import masked_reconstruction_loss
 from ssl_train.masking import mask_order, num_visible, patchify, random_masking, unpatchify
-from ssl_train.model import HybridSSL
+from ssl_train.model import SSLModel
+from ssl_train.objectives import StepContext
 
 
 def _views(config, batch=4):
     size = config.model.image_size
     return {key: torch.randn(batch, 3, size, size) for key in ("view_a", "view_b", "view_mae")}
+
+
+def _only(config, *names):
+    """Train only these of the config's objectives, as configured there."""
+    config.objectives = [config.objective(name) for name in names]
 
 
 def _record_block_inputs(model):
@@ -26,11 +34,11 @@ def _record_block_inputs(model):
 
 @pytest.mark.parametrize("mask_ratio", [0.75, 0.5, 0.9, 0.6])
 def test_encoder_sees_only_visible_tokens_in_masked_branch(tiny_config, mask_ratio):
-    tiny_config.loss.objective = "masked"
-    tiny_config.loss.mask_ratio = mask_ratio
-    model = HybridSSL(tiny_config.model, tiny_config.loss)
+    _only(tiny_config, "mae")
+    tiny_config.objective("mae").mask_ratio = mask_ratio
+    model = SSLModel(tiny_config)
     seen, handle = _record_block_inputs(model)
-    model(**_views(tiny_config))
+    model(_views(tiny_config))
     handle.remove()
     n = tiny_config.model.num_patches
     expected = round((1 - mask_ratio) * n)
@@ -38,9 +46,9 @@ def test_encoder_sees_only_visible_tokens_in_masked_branch(tiny_config, mask_rat
 
 
 def test_hybrid_runs_encoder_on_both_views_and_visible_tokens(tiny_config):
-    model = HybridSSL(tiny_config.model, tiny_config.loss)
+    model = SSLModel(tiny_config)
     seen, handle = _record_block_inputs(model)
-    out = model(**_views(tiny_config, batch=3))
+    out = model(_views(tiny_config, batch=3))
     handle.remove()
     n = tiny_config.model.num_patches
     assert seen == [(6, 1 + n, 192), (3, 1 + num_visible(n, 0.75), 192)]
@@ -48,19 +56,23 @@ def test_hybrid_runs_encoder_on_both_views_and_visible_tokens(tiny_config):
 
 
 def test_masked_branch_loss_ignores_visible_patches(tiny_config):
-    tiny_config.loss.objective = "masked"
-    model = HybridSSL(tiny_config.model, tiny_config.loss).eval()
+    _only(tiny_config, "mae")
+    model = SSLModel(tiny_config).eval()
+    mae = model.objectives["mae"]
     images = torch.randn(2, 3, 64, 64)
+    target = patchify(images, 8)
     with torch.no_grad():
-        latent, mask, ids_restore = model.forward_encoder(images, 0.75, mask_order(torch.rand(2, 64)))
-        pred = model.forward_decoder(latent, ids_restore)
-        base = float(model.forward_loss(images, pred, mask))
+        latent, mask, ids_restore = encode_visible(model.encoder, images, 0.75,
+                                                   mask_order(torch.rand(2, 64)))
+        pred = mae.decoder(latent, ids_restore)
+        base = float(masked_reconstruction_loss(pred, target, mask))
         wrong_where_visible = pred.clone()
         wrong_where_visible[mask == 0] = 1e3
         wrong_where_masked = pred.clone()
         wrong_where_masked[mask == 1] = 1e3
-        assert float(model.forward_loss(images, wrong_where_visible, mask)) == pytest.approx(base)
-        assert float(model.forward_loss(images, wrong_where_masked, mask)) > 1e5
+        assert float(masked_reconstruction_loss(wrong_where_visible, target, mask)) == \
+            pytest.approx(base)
+        assert float(masked_reconstruction_loss(wrong_where_masked, target, mask)) > 1e5
 
 
 def test_random_masking_keeps_the_right_tokens_and_restores_order():
@@ -96,27 +108,31 @@ def test_patchify_roundtrip():
     assert torch.equal(patches[0, 1].reshape(8, 8, 3).permute(2, 0, 1), images[0, :, :8, 8:16])
 
 
-@pytest.mark.parametrize("objective,branches", [
-    ("contrastive", {"projector"}), ("masked", {"decoder"}), ("hybrid", {"projector", "decoder"}),
+@pytest.mark.parametrize("objectives,losses,views", [
+    (["simclr"], {"contrastive"}, {"view_a", "view_b"}),
+    (["mae"], {"masked"}, {"view_mae"}),
+    (["simclr", "mae"], {"contrastive", "masked"}, {"view_a", "view_b", "view_mae"}),
 ])
-def test_each_objective_builds_and_trains_only_its_branches(tiny_config, objective, branches):
-    tiny_config.loss.objective = objective
-    model = HybridSSL(tiny_config.model, tiny_config.loss)
-    built = {name for name in ("projector", "decoder") if getattr(model, name) is not None}
-    assert built == branches
-    out = model(**_views(tiny_config))
+def test_each_objective_builds_and_trains_only_its_heads(tiny_config, objectives, losses, views):
+    _only(tiny_config, *objectives)
+    model = SSLModel(tiny_config)
+    assert list(model.objectives) == objectives
+    assert {view.name for view in tiny_config.views()} == views
+    heads = {name for name, _ in model.named_children()} - {"encoder", "weighting"}
+    assert heads == {"objectives"}
+    out = model({k: v for k, v in _views(tiny_config).items() if k in views})
     out.loss.backward()
     assert all(p.grad is not None for p in model.encoder.blocks.parameters())
-    expected = {"hybrid": {"contrastive", "masked"}}.get(objective, {objective})
-    assert set(out.losses) == expected
+    assert all(p.grad is not None for p in model.objectives.parameters() if p.requires_grad)
+    assert set(out.losses) == losses
 
 
 def test_fixed_weights_combine_losses_as_configured(tiny_config):
-    tiny_config.loss.weighting = "fixed"
-    tiny_config.loss.fixed_weights.contrastive = 0.3
-    tiny_config.loss.fixed_weights.masked = 2.0
-    model = HybridSSL(tiny_config.model, tiny_config.loss)
-    out = model(**_views(tiny_config))
+    tiny_config.weighting = "fixed"
+    tiny_config.objective("simclr").weight = 0.3
+    tiny_config.objective("mae").weight = 2.0
+    model = SSLModel(tiny_config)
+    out = model(_views(tiny_config))
     expected = 0.3 * out.losses["contrastive"] + 2.0 * out.losses["masked"]
     assert float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-5)
     assert {k: float(v) for k, v in out.weights.items()} == pytest.approx(
@@ -125,10 +141,10 @@ def test_fixed_weights_combine_losses_as_configured(tiny_config):
 
 
 def test_learned_weighting_is_uncertainty_weighting(tiny_config):
-    model = HybridSSL(tiny_config.model, tiny_config.loss)
+    model = SSLModel(tiny_config)
     with torch.no_grad():
         model.weighting.log_vars.copy_(torch.tensor([0.5, -0.25]))
-    out = model(**_views(tiny_config))
+    out = model(_views(tiny_config))
     c, m = out.losses["contrastive"], out.losses["masked"]
     expected = torch.exp(torch.tensor(-0.5)) * c + 0.5 + torch.exp(torch.tensor(0.25)) * m - 0.25
     assert float(out.loss.detach()) == pytest.approx(float(expected), rel=1e-5)
@@ -144,26 +160,36 @@ def test_learned_weighting_is_uncertainty_weighting(tiny_config):
 def test_packaged_encoders_have_timm_architectures(config_name, timm_name):
     config = load_config(config_name)
     with torch.device("meta"):
-        model = HybridSSL(config.model, config.loss)
+        model = SSLModel(config)
         reference = timm.create_model(timm_name, pretrained=False, num_classes=0)
     ours = {k: tuple(v.shape) for k, v in model.encoder.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     assert ours == theirs
-    decoder_width = config.model.decoder.embed_dim
-    assert decoder_width < config.model.encoder.embed_dim
-    assert config.model.decoder.depth < config.model.encoder.depth
+    decoder = config.objective("mae").decoder
+    assert decoder.embed_dim < config.model.encoder.embed_dim
+    assert decoder.depth < config.model.encoder.depth
 
 
 @pytest.mark.parametrize("pos_embed", ["sincos", "learned"])
 def test_positional_embeddings_follow_the_config(tiny_config, pos_embed):
     tiny_config.model.encoder.pos_embed = pos_embed
-    model = HybridSSL(tiny_config.model, tiny_config.loss)
+    model = SSLModel(tiny_config)
     n = tiny_config.model.num_patches
+    decoder = model.objectives["mae"].decoder
     assert model.encoder.pos_embed.shape == (1, 1 + n, 192)
-    assert model.decoder.pos_embed.shape == (1, 1 + n, tiny_config.model.decoder.embed_dim)
+    assert decoder.pos_embed.shape == (1, 1 + n, tiny_config.objective("mae").decoder.embed_dim)
     learned = pos_embed == "learned"
     assert model.encoder.pos_embed.requires_grad is learned
-    assert model.decoder.pos_embed.requires_grad is learned
+    assert decoder.pos_embed.requires_grad is learned
     if not learned:  # sine-cosine rows differ from one another and are not all zero
         rows = model.encoder.pos_embed[0, 1:]
         assert torch.linalg.matrix_rank(rows) > 8
+
+
+def test_masking_orders_are_drawn_for_the_global_batch(tiny_config):
+    """Rank r of N gets rows r*B/N.. of the order one worker holding the whole batch gets."""
+    model = SSLModel(tiny_config)
+    whole = model.step_inputs(StepContext(0, 7, 0, 1, 8))["mask_order"]
+    halves = [model.step_inputs(StepContext(0, 7, rank, 2, 8))["mask_order"] for rank in (0, 1)]
+    assert torch.equal(torch.cat(halves), whole)
+    assert not torch.equal(model.step_inputs(StepContext(0, 8, 0, 1, 8))["mask_order"], whole)

@@ -44,16 +44,15 @@ def _steps(rank: int, mixed_precision: str, overrides=(), reshard_after_forward=
     """Three steps on fixed views; returns global losses, dtypes seen, collectives of step 3."""
     from pipelines.sample_images import random_view_batches, sample_photographs
     from ssl_train.config import load_config
-    from ssl_train.model import HybridSSL
-    from ssl_train.optim import build_optimizer, build_scheduler
-    from ssl_train.parallel import apply_parallelism
+    from ssl_train.loop import Trainer, average_over_ranks
+    from ssl_train.objectives import StepContext
     from ssl_train.step import normalize_views, train_step
-    from ssl_train.worker import _average, global_mask_order
 
-    config = load_config("tiny-cpu", [*TINY_OVERRIDES, "optim.warmup_steps=0", *overrides])
-    torch.manual_seed(config.train.seed)
-    model = apply_parallelism(HybridSSL(config.model, config.loss), torch.device("cpu"),
-                              mixed_precision, reshard_after_forward=reshard_after_forward)
+    config = load_config("tiny-cpu", [
+        *TINY_OVERRIDES, "optim.warmup_steps=0", f"parallel.mixed_precision={mixed_precision}",
+        f"parallel.reshard_after_forward={str(reshard_after_forward).lower()}", *overrides])
+    trainer = Trainer(config, "cpu", rank, WORLD)
+    model, optimizer, scheduler = trainer.model, trainer.optimizer, trainer.scheduler
     seen: dict[str, str] = {}
 
     def block_input(module, args):
@@ -63,9 +62,7 @@ def _steps(rank: int, mixed_precision: str, overrides=(), reshard_after_forward=
         seen.setdefault("prediction", str(out.dtype))
 
     model.encoder.blocks[0].register_forward_pre_hook(block_input)
-    model.decoder.register_forward_hook(prediction)
-    optimizer = build_optimizer(model, config)
-    scheduler = build_scheduler(optimizer, config)
+    model.objectives["mae"].decoder.register_forward_hook(prediction)
     batches = random_view_batches(sample_photographs(), config.model.image_size,
                                   config.train.global_batch_size, seed=5)
     per = config.train.global_batch_size // WORLD
@@ -75,14 +72,15 @@ def _steps(rank: int, mixed_precision: str, overrides=(), reshard_after_forward=
         for step in range(3):
             mine = {k: v[rank * per:(rank + 1) * per] for k, v in next(batches).items()}
             views = normalize_views(mine)
-            order = global_mask_order(config, step, rank, WORLD)
+            inputs = model.step_inputs(StepContext(config.train.seed, step, rank, WORLD,
+                                                   config.train.global_batch_size))
             if step == 2:
                 with counter:
-                    record = train_step(model, optimizer, scheduler, views, config, order)
+                    record = train_step(model, optimizer, scheduler, views, config, inputs)
             else:
-                record = train_step(model, optimizer, scheduler, views, config, order)
-            losses.append(_average(record))
-    norm = model.projector.layers[1]
+                record = train_step(model, optimizer, scheduler, views, config, inputs)
+            losses.append(average_over_ranks(record))
+    norm = model.objectives["simclr"].projector.layers[1]
     return {"losses": losses, "seen": seen, "collectives": dict(counter.counts),
             "groups": _fsdp_groups(model), "warnings": [str(w.message) for w in caught],
             "running_dtype": str(norm.running_mean.dtype),

@@ -9,7 +9,7 @@ import torch
 
 from pipelines.sample_images import random_view_batches
 from ssl_train.health import embedding_std, healthy_embedding_std
-from ssl_train.runner import run_in_process
+from ssl_train.loop import train_in_process
 from ssl_train.step import normalize_views
 
 
@@ -20,7 +20,7 @@ def _mean(records, key):
 def test_fifty_steps_lower_both_losses_without_collapse(tmp_path, photographs, tiny_config):
     tiny_config.train.steps = 50
     batches = random_view_batches(photographs, 64, tiny_config.train.global_batch_size, seed=1)
-    model = run_in_process(tiny_config, batches, tmp_path, log=lambda line: None)
+    model = train_in_process(tiny_config, batches, tmp_path, log=lambda line: None)
 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 51))
@@ -33,8 +33,8 @@ def test_fifty_steps_lower_both_losses_without_collapse(tmp_path, photographs, t
     held = normalize_views(next(random_view_batches(photographs, 64, 64, seed=99)))
     model.eval()
     with torch.no_grad():
-        projections = model.projector(model.encode(held["view_a"]))
-    dim = tiny_config.model.projector.out_dim
+        projections = model.embed(held["view_a"])
+    dim = tiny_config.objective("simclr").projector.out_dim
     assert embedding_std(projections) > 0.5 * healthy_embedding_std(dim)
 
 

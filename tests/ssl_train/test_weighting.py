@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from pipelines.sample_images import random_view_batches
-from ssl_train.config import LossConfig
 from ssl_train.masking import mask_order
-from ssl_train.model import HybridSSL
+from ssl_train.model import SSLModel
 from ssl_train.optim import build_optimizer, build_scheduler
 from ssl_train.step import normalize_views, train_step
 from ssl_train.weighting import LossWeighting
@@ -21,7 +20,7 @@ def test_learned_weights_approach_one_over_each_loss_floor():
     true_w = torch.randn(8, 2, generator=generator)
     shared = torch.nn.Linear(8, 8)
     heads = torch.nn.Linear(8, 2)
-    weighting = LossWeighting(LossConfig(weighting="learned"))
+    weighting = LossWeighting(("contrastive", "masked"), learned=True)
     params = [*shared.parameters(), *heads.parameters(), *weighting.parameters()]
     optimizer = torch.optim.Adam(params, lr=0.02)
     noise_std = torch.tensor([0.5, 2.0**0.5])
@@ -53,11 +52,11 @@ def test_gradient_clipping_leaves_the_loss_weighting_out(tiny_config, photograph
 
     def one_step(clip: float):
         torch.manual_seed(0)
-        model = HybridSSL(tiny_config.model, tiny_config.loss).train()
+        model = SSLModel(tiny_config).train()
         tiny_config.optim.grad_clip_norm = clip
         optimizer = build_optimizer(model, tiny_config)
         record = train_step(model, optimizer, build_scheduler(optimizer, tiny_config), views,
-                            tiny_config, order)
+                            tiny_config, {"mask_order": order})
         network = [p.grad.clone() for name, p in model.named_parameters()
                    if p.grad is not None and "log_vars" not in name]
         return record, network, model.weighting.log_vars.grad.clone()

@@ -1,0 +1,52 @@
+"""The objectives a model trains, by name: a registry that config and model both read.
+
+A new objective is one module: an ``ObjectiveConfig`` subclass with ``name: Literal["<name>"]``
+and an ``Objective`` subclass naming it as ``config_class``, registered with ``@register``. The
+built-in ones are imported below; one defined elsewhere registers when its module is imported.
+"""
+
+from __future__ import annotations
+
+from ssl_train.objectives.base import (
+    Objective,
+    ObjectiveConfig,
+    ObjectiveOutput,
+    StepContext,
+    ViewSpec,
+    step_seed,
+)
+
+_REGISTRY: dict[str, type[Objective]] = {}
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: make ``cls`` available under its config's ``name``."""
+    name = cls.config_class.model_fields["name"].default
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__}.config_class needs a default name")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def objective_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def objective_class(name: str) -> type[Objective]:
+    """The registered objective ``name``; KeyError with the known names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown objective {name!r}: known are "
+                       f"{', '.join(objective_names())}") from None
+
+
+from ssl_train.objectives.mae import MAE, MAEConfig  # noqa: E402  (built-ins register here)
+from ssl_train.objectives.simclr import SimCLR, SimCLRConfig  # noqa: E402
+
+register(SimCLR)
+register(MAE)
+
+__all__ = ["MAE", "MAEConfig", "Objective", "ObjectiveConfig", "ObjectiveOutput", "SimCLR",
+           "SimCLRConfig", "StepContext", "ViewSpec", "objective_class", "objective_names",
+           "register", "step_seed"]

@@ -1,0 +1,74 @@
+"""MAE: the encoder sees a random 25% of the patches; a light decoder predicts the rest."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field
+
+from pipelines.augment import CropConfig, ViewSpec
+from ssl_train.decoder import DecoderConfig, MaskedDecoder
+from ssl_train.encoder import encode_visible
+from ssl_train.losses import masked_reconstruction_loss
+from ssl_train.masking import mask_order, patchify
+from ssl_train.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, StepContext
+
+
+class MAEConfig(ObjectiveConfig):
+    name: Literal["mae"] = "mae"
+    mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.75
+    norm_pix_loss: bool = True
+    decoder: DecoderConfig = DecoderConfig()
+    crop: CropConfig = CropConfig(scale=(0.2, 1.0))
+
+    def views(self) -> list[ViewSpec]:
+        return [ViewSpec(name="view_mae", crop=self.crop)]
+
+    def check(self, config) -> None:
+        # The decoder exists to be thrown away; a decoder as large as the encoder would take over
+        # the reconstruction work that the encoder is supposed to learn.
+        encoder = config.model.encoder
+        for key in ("embed_dim", "depth"):
+            mine, theirs = getattr(self.decoder, key), getattr(encoder, key)
+            if mine > theirs:
+                raise ValueError(
+                    f"objectives.mae.decoder.{key} ({mine}) must not exceed "
+                    f"model.encoder.{key} ({theirs}): the decoder is the lightweight part")
+
+
+class MAE(Objective):
+    """Masked autoencoding of one unaugmented crop, per-patch normalised pixel targets."""
+
+    config_class = MAEConfig
+    loss_names = ("masked",)
+
+    def __init__(self, config: MAEConfig, model_config, photometric=None):
+        super().__init__(config, model_config, photometric)
+        self.patch_size = model_config.encoder.patch_size
+        self.decoder = MaskedDecoder(
+            num_patches=model_config.num_patches,
+            encoder_dim=model_config.encoder.embed_dim,
+            patch_pixels=self.patch_size**2 * 3,
+            config=config.decoder,
+            pos_embed=model_config.encoder.pos_embed,
+        )
+
+    def step_inputs(self, context: StepContext) -> dict[str, torch.Tensor]:
+        """The masking order of this rank's rows, drawn for the global batch: 1 worker and N
+        workers mask the same patches."""
+        noise = torch.rand(context.global_batch_size, self.model_config.num_patches,
+                           generator=context.generator(1))
+        return {"mask_order": mask_order(noise[context.rows])}
+
+    def block_containers(self):
+        return [self.decoder.blocks]
+
+    def forward(self, encoder, views, inputs) -> ObjectiveOutput:
+        images = views["view_mae"]
+        latent, mask_bn, ids_restore_bn = encode_visible(
+            encoder, images, self.config.mask_ratio, inputs.get("mask_order"))
+        pred_bnp = self.decoder(latent, ids_restore_bn)
+        loss = masked_reconstruction_loss(pred_bnp, patchify(images, self.patch_size), mask_bn,
+                                          norm_pix=self.config.norm_pix_loss)
+        return ObjectiveOutput({"masked": loss})

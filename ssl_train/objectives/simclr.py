@@ -1,0 +1,55 @@
+"""SimCLR: NT-Xent between the projections of two augmented views, over the global batch."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field
+
+from pipelines.augment import CropConfig, ViewSpec
+from ssl_train.encoder import pooled_features
+from ssl_train.heads import ProjectionHead, ProjectorConfig
+from ssl_train.losses import nt_xent_loss
+from ssl_train.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput
+
+
+class SimCLRConfig(ObjectiveConfig):
+    name: Literal["simclr"] = "simclr"
+    temperature: Annotated[float, Field(gt=0)] = 0.2
+    projector: ProjectorConfig = ProjectorConfig()
+    crop: CropConfig = CropConfig()  # of both views
+
+    def views(self) -> list[ViewSpec]:
+        return [ViewSpec(name=name, crop=self.crop, photometric=True)
+                for name in ("view_a", "view_b")]
+
+    def check(self, config) -> None:
+        if config.train.global_batch_size // config.optim.accumulation_steps < 2:
+            raise ValueError(
+                "the contrastive loss needs at least 2 images per micro-batch "
+                "(train.global_batch_size / optim.accumulation_steps)")
+
+
+class SimCLR(Objective):
+    """Two photometrically augmented crops of each image; their projections attract, every
+    other image's repel (negatives gathered from every worker)."""
+
+    config_class = SimCLRConfig
+    loss_names = ("contrastive",)
+
+    def __init__(self, config: SimCLRConfig, model_config, photometric=None):
+        super().__init__(config, model_config, photometric)
+        self.projector = ProjectionHead(model_config.encoder.embed_dim,
+                                        config.projector.hidden_dim, config.projector.out_dim)
+
+    def project(self, features_nd: torch.Tensor) -> torch.Tensor:
+        return self.projector(features_nd)
+
+    def forward(self, encoder, views, inputs) -> ObjectiveOutput:
+        view_a, view_b = views["view_a"], views["view_b"]
+        n = view_a.shape[0]
+        z = self.projector(pooled_features(encoder, torch.cat([view_a, view_b], dim=0)))
+        z_a, z_b = z[:n], z[n:]
+        loss = nt_xent_loss(z_a, z_b, self.config.temperature)
+        return ObjectiveOutput({"contrastive": loss}, embeddings=z_a.detach())
