@@ -139,6 +139,8 @@ def _ray_train_workers_gone(deadline: float) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.full  # ~2 min (Ray notices the dead driver slowly); make test keeps the
+# partly-written checkpoint case (tests/ssl_train/test_distributed_training.py)
 def test_a_driver_killed_during_a_checkpoint_write_resumes_from_the_last_complete_one(
         faulty_s3, tmp_path, ray_local, figures):
     proxy, bucket, direct = faulty_s3

@@ -10,7 +10,6 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pytest
 import ray.cloudpickle
 import s3fs
 
@@ -42,61 +41,6 @@ def _events(records):
     return [r for r in records if r.get("event") in ("started", "resumed")]
 
 
-# ---------------------------------------------------------------- loss equality, 1 vs 2 workers
-
-def _first_steps(loop_config):
-    """Two optimisation steps on one fixed global batch; reports the global losses of each."""
-    import ray.train
-    import ray.train.torch
-
-    from pipelines.sample_images import random_view_batches, sample_photographs
-    from ssl_train.config import PretrainConfig
-    from ssl_train.loop import Trainer, average_over_ranks
-
-    config = PretrainConfig.model_validate(loop_config["config"])
-    rank = ray.train.get_context().get_world_rank()
-    world = ray.train.get_context().get_world_size()
-    batch = next(random_view_batches(sample_photographs(), config.model.image_size,
-                                     config.train.global_batch_size, seed=5))
-    per = config.train.global_batch_size // world
-    mine = {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
-    trainer = Trainer(config, "cpu", rank, world)
-    losses = [average_over_ranks(trainer.step(mine, step)) for step in range(2)]
-    if rank == 0:
-        Path(loop_config["out"]).write_text(json.dumps(
-            {f"{key}_{i}": value for i, record in enumerate(losses)
-             for key, value in record.items()}))
-
-
-def _run_first_steps(config, workers):
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    config.train.num_workers = workers
-    out = Path(config.run.output_dir, f"first-steps-{workers}.json")
-    trainer = TorchTrainer(
-        _first_steps,
-        train_loop_config={"config": config.model_dump(mode="json"), "out": str(out)},
-        scaling_config=ray.train.ScalingConfig(num_workers=workers),
-        run_config=ray.train.RunConfig(name=f"equality-{workers}",
-                                       storage_path=str(config.run.output_dir)),
-    )
-    trainer.fit()
-    return json.loads(out.read_text())
-
-
-def test_one_and_two_fsdp_workers_compute_the_same_losses(tmp_path, ray_local):
-    config = _config(tmp_path, "optim.warmup_steps=0")
-    one = _run_first_steps(config, 1)
-    two = _run_first_steps(config, 2)
-    for key in ("loss_0", "loss_contrastive_0", "loss_masked_0"):
-        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
-    # After one identical update the second step agrees too: gradients were the same.
-    for key in ("loss_1", "loss_contrastive_1", "loss_masked_1"):
-        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), key
-    assert two["loss_1"] != pytest.approx(one["loss_0"], rel=1e-4)  # the step changed something
-
-
 # ---------------------------------------------------------------- checkpoints on S3, resume
 
 def _s3(endpoint):
@@ -125,34 +69,29 @@ def test_checkpoints_in_s3_and_resume_with_two_then_one_worker(
     assert state6["step"] == 6 and state6["world_size"] == 2
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(state6["files"])
 
-    second = _config(runs, "train.steps=9", "train.checkpoint_every=3", "run.name=s3run")
+    second = _config(runs, "train.steps=9", "train.checkpoint_every=3", "run.name=s3run",
+                     "train.num_workers=1")
     train(second, log=lambda line: None)
-    third = _config(runs, "train.steps=12", "train.checkpoint_every=3", "run.name=s3run",
-                    "train.num_workers=1")
-    train(third, log=lambda line: None)
 
     fs.get(f"{run_dir}/metrics.jsonl", str(tmp_path / "metrics.jsonl"))
     records = _records(tmp_path)
-    assert _steps(records) == list(range(1, 13))  # every step once: nothing trained twice
+    assert _steps(records) == list(range(1, 10))  # every step once: nothing trained twice
     events = _events(records)
     assert [(e["event"], e["step"], e["world_size"]) for e in events] == [
-        ("started", 0, 2), ("resumed", 6, 2), ("resumed", 9, 1)]
+        ("started", 0, 2), ("resumed", 6, 1)]
     assert events[1]["checkpoint"].endswith("checkpoint_000000006")
 
-    state12 = json.loads(fs.cat_file(f"{run_dir}/checkpoint_000000012/train_state.json"))
-    assert state12["step"] == 12 and state12["world_size"] == 1
-    cursors = [json.loads(fs.cat_file(f"{run_dir}/checkpoint_{s:09d}/train_state.json"))["cursor"]
-               for s in (9, 12)]
-    assert (cursors[1]["epoch"], cursors[1]["shards_consumed"]) > (
-        cursors[0]["epoch"], cursors[0]["shards_consumed"]) > (
+    state9 = json.loads(fs.cat_file(f"{run_dir}/checkpoint_000000009/train_state.json"))
+    assert state9["step"] == 9 and state9["world_size"] == 1
+    assert (state9["cursor"]["epoch"], state9["cursor"]["shards_consumed"]) > (
         state6["cursor"]["epoch"], state6["cursor"]["shards_consumed"])
-    # The optimizer state went on from the checkpoint: AdamW has taken 12 steps, not 6 or 3.
-    with local_copy(f"s3://{run_dir}/checkpoint_000000012") as local_dir:
-        assert _adam_steps(local_dir, third) == {12}
-    # Each of the three runs left its node's energy ledger in the bucket; the last report has all.
-    assert len(fs.glob(f"{run_dir}/energy/ledger-*.jsonl")) == 3
+    # The optimizer state went on from the checkpoint: AdamW has taken 9 steps, not 3.
+    with local_copy(f"s3://{run_dir}/checkpoint_000000009") as local_dir:
+        assert _adam_steps(local_dir, second) == {9}
+    # Each run left its node's energy ledger in the bucket; the last report has both.
+    assert len(fs.glob(f"{run_dir}/energy/ledger-*.jsonl")) == 2
     report = json.loads(fs.cat_file(f"{run_dir}/energy_report.json"))
-    assert report["meter_sessions"] == 3 and report["complete"] and report["steps"] == 12
+    assert report["meter_sessions"] == 2 and report["complete"] and report["steps"] == 9
 
 
 def test_slices_continue_one_run_until_its_configured_steps(tmp_path, ray_local):
