@@ -7,7 +7,7 @@ pretraining set, the other half the held-out test set. For each seed, the same s
 (patch 4, 128 wide, 4 deep) is trained in-process with the same budget of steps, batch, views
 and learning rate under five objectives: none (random init), contrastive only, masked only,
 hybrid with fixed weights, hybrid with learned weights. Each encoder's frozen features are read
-out with kNN, a linear probe and a 10-shot probe (``ssl_train.evaluate.evaluate_features``).
+out with kNN, a linear probe and a 10-shot probe (``ssl_train.eval.evaluate.evaluate_features``).
 Writes OUT/results.json (every run), OUT/table.md (mean and std over seeds) and OUT/curves.png
 (losses and learned weights over training, first seed).
 """
@@ -27,9 +27,9 @@ from PIL import Image
 
 from pipelines.sample_images import digits_images, random_view_batches
 from ssl_train.config import load_config
-from ssl_train.evaluate import encode_all, evaluate_features, split
-from ssl_train.loop import train_in_process
-from ssl_train.model import SSLModel
+from ssl_train.eval.evaluate import encode_all, evaluate_features, split
+from ssl_train.models.ssl_model import SSLModel
+from ssl_train.train.loop import train_in_process
 
 IMAGE_SIZE = 32
 BASE = [

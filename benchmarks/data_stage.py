@@ -33,12 +33,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.augment import AugmentConfig, make_views
 from pipelines.ingest import IngestConfig, ingest
-from pipelines.photometric import PhotometricConfig, apply_photometric_torch
-from pipelines.quality import QualityConfig
 from pipelines.sample_images import sample_photographs
-from pipelines.stream import DataConfig, DataStage
+from pipelines.stream.stage import DataConfig, DataStage
+from pipelines.views.augment import AugmentConfig, make_views
+from pipelines.views.photometric import PhotometricConfig, apply_photometric_torch
+from pipelines.views.quality import QualityConfig
 
 SIZE = 224
 
@@ -147,7 +147,7 @@ def bench_stage(shards: str, photometric_on: str, workers: int, batch_size: int,
 
 def bench_device_photometric(batch_size: int, device: str, repeat: int = 5) -> float:
     """Seconds to apply photometric augmentation to both contrastive views of one batch."""
-    from pipelines.photometric import sample_photometric
+    from pipelines.views.photometric import sample_photometric
 
     rng = np.random.default_rng(0)
     config = PhotometricConfig()

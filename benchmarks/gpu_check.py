@@ -5,9 +5,9 @@
 
 For each model (ViT-B/16 and ViT-L/16 hybrids at 224 px by default) and each of eager and
 ``torch.compile`` (per block): FSDP2 on a one-rank NCCL group with the bf16 policy of a real run
-(``ssl_train.parallel``), the real step (``ssl_train.step``: device photometric augmentation,
+(``ssl_train.distributed.fsdp``), the real step (``ssl_train.train.step``: device photometric augmentation,
 forward, backward, clip, AdamW), on views cut from scikit-image's photographs before timing.
-Reports images/s, step time, peak memory, MFU (``ssl_train.flops`` against the device's dense bf16
+Reports images/s, step time, peak memory, MFU (``ssl_train.train.flops`` against the device's dense bf16
 peak and against a matrix product measured here), the augmentation's share of the step, and
 joules per image from NVML's total-energy counter. One JSON document on stdout (and ``--out``).
 
@@ -34,15 +34,15 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
 
-from pipelines.augment import AugmentConfig  # noqa: E402
 from pipelines.sample_images import random_view_batches, sample_photographs  # noqa: E402
+from pipelines.views.augment import AugmentConfig  # noqa: E402
 from ssl_train.config import PretrainConfig, load_config  # noqa: E402
-from ssl_train.flops import step_flops  # noqa: E402
-from ssl_train.model import SSLModel  # noqa: E402
+from ssl_train.distributed.fsdp import apply_parallelism, resolve_precision  # noqa: E402
+from ssl_train.models.ssl_model import SSLModel  # noqa: E402
 from ssl_train.objectives import StepContext  # noqa: E402
-from ssl_train.optim import build_optimizer, build_scheduler  # noqa: E402
-from ssl_train.parallel import apply_parallelism, resolve_precision  # noqa: E402
-from ssl_train.step import normalize_views, train_step  # noqa: E402
+from ssl_train.train.flops import step_flops  # noqa: E402
+from ssl_train.train.optim import build_optimizer, build_scheduler  # noqa: E402
+from ssl_train.train.step import normalize_views, train_step  # noqa: E402
 
 # Dense bf16 peaks from the vendors' datasheets (without sparsity), by device name.
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4,

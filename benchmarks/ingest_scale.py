@@ -32,8 +32,8 @@ import pyarrow as pa
 from pipelines.ingest import duplicates
 from pipelines.ingest.config import IngestConfig, Job
 from pipelines.ingest.records import RECORD_SCHEMA
-from pipelines.storage import StorageOptions
-from pipelines.workarea import hash_integers, part_name, read_bucket, run_tasks
+from pipelines.ingest.workarea import hash_integers, part_name, read_bucket, run_tasks
+from pipelines.storage.access import StorageOptions
 
 NEAR_EVERY, EXACT_EVERY = 100, 200
 

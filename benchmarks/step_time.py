@@ -19,9 +19,9 @@ import torch
 
 from pipelines.sample_images import random_view_batches, sample_photographs
 from ssl_train.config import load_config
-from ssl_train.model import SSLModel
-from ssl_train.optim import build_optimizer, build_scheduler
-from ssl_train.step import normalize_views, train_step
+from ssl_train.models.ssl_model import SSLModel
+from ssl_train.train.optim import build_optimizer, build_scheduler
+from ssl_train.train.step import normalize_views, train_step
 
 
 def main() -> None:

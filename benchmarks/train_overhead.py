@@ -5,7 +5,7 @@
 
 1. Overhead: median step time of the same training loop (model, AdamW, the same views held in
    memory) in a plain process and in one Ray Train worker (TorchTrainer, gloo process group,
-   FSDP2 applied by ``ssl_train.parallel`` as in a real run). Target: ratio <= 1.10.
+   FSDP2 applied by ``ssl_train.distributed.fsdp`` as in a real run). Target: ratio <= 1.10.
 2. MAE saving: forward + backward time of the encoder on the visible 25% of the patches (the
    masked branch as built) against the same encoder on every patch.
 """
@@ -22,11 +22,11 @@ import torch
 
 from pipelines.sample_images import random_view_batches, sample_photographs
 from ssl_train.config import PretrainConfig, load_config
-from ssl_train.encoder import encode_visible
-from ssl_train.loop import Trainer
-from ssl_train.model import SSLModel
+from ssl_train.models.encoder import encode_visible
+from ssl_train.models.ssl_model import SSLModel
 from ssl_train.objectives import StepContext
-from ssl_train.step import normalize_views, train_step
+from ssl_train.train.loop import Trainer
+from ssl_train.train.step import normalize_views, train_step
 
 
 def timed_steps(config: PretrainConfig, warmup: int, steps: int, distributed: bool) -> list[float]:

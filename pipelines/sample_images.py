@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.augment import HYBRID_VIEWS, AugmentConfig, ViewSpec, make_views
-from pipelines.quality import QualityConfig
+from pipelines.views.augment import HYBRID_VIEWS, AugmentConfig, ViewSpec, make_views
+from pipelines.views.quality import QualityConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 

@@ -12,7 +12,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from pipelines.storage import StorageError
+from pipelines.storage.access import StorageError
 from ssl_train.config import ConfigError, dump_config, load_config, packaged_config_names
 
 EXIT_USAGE = 2
@@ -44,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    from ssl_train.launcher import train
+    from ssl_train.runtime.launcher import train
 
     train(config, address=args.address, options=_storage_options(args),
           slice_steps=args.slice_steps)
@@ -52,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_k8s_render(args: argparse.Namespace) -> int:
-    from ssl_train.k8s import RenderError, load_params, render, write
+    from ssl_train.deploy.k8s import RenderError, load_params, render, write
 
     config = load_config(args.config, args.overrides)
     params = load_params(args.params)
@@ -70,7 +70,7 @@ def cmd_k8s_render(args: argparse.Namespace) -> int:
 
 
 def _storage_options(args: argparse.Namespace):
-    from pipelines.storage import StorageOptions
+    from pipelines.storage.access import StorageOptions
 
     return StorageOptions(
         endpoint_url=args.endpoint_url,
@@ -99,7 +99,7 @@ def _add_storage_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _storage_url(text: str) -> str:
     """A path or URL argument, refused if it carries credentials (they would be logged)."""
-    from pipelines.storage import refuse_credentials_in_url
+    from pipelines.storage.access import refuse_credentials_in_url
 
     try:
         return refuse_credentials_in_url(text)
@@ -130,6 +130,19 @@ def _without_none(options: dict) -> dict:
             for k, v in options.items() if v is not None}
 
 
+def _ingest_default(field: str):
+    """The ingest option's default, from its one definition (``IngestConfig``)."""
+    from pipelines.ingest.config import IngestConfig
+
+    return IngestConfig.model_fields[field].default
+
+
+def _quality_default(field: str):
+    from pipelines.views.quality import QualityConfig
+
+    return QualityConfig.model_fields[field].default
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from pipelines.ingest import IngestConfig, IngestMetrics, ingest
     from ssl_train.config import validate_section
@@ -152,7 +165,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ssl_train.evaluate import evaluate, result_table, write_result
+    from ssl_train.eval.evaluate import evaluate, result_table, write_result
 
     result = evaluate(args.checkpoint, args.data, _storage_options(args),
                       k=args.k, temperature=args.temperature, shots=args.shots,
@@ -163,7 +176,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ssl_train.export import export
+    from ssl_train.eval.export import export
 
     weights = export(args.checkpoint, args.out, _storage_options(args))
     print(f"wrote {weights} and {weights.parent / 'config.json'}")
@@ -203,26 +216,34 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prefix to write WebDataset tar shards to")
     size = ingest.add_mutually_exclusive_group()
     size.add_argument("--samples-per-shard", type=int, help="images per shard")
-    size.add_argument("--shard-size", type=_byte_size, default=256 * 1024**2,
-                      help="bytes per shard, e.g. 256MB (default)")
-    ingest.add_argument("--reencode", choices=("keep", "jpeg"), default="keep",
+    size.add_argument("--shard-size", type=_byte_size,
+                      help=f"bytes per shard, e.g. 256MB (default {_ingest_default('shard_bytes')}"
+                      " bytes)")
+    ingest.add_argument("--reencode", choices=("keep", "jpeg"),
                         help="keep the original bytes (default) or re-encode to JPEG")
-    ingest.add_argument("--jpeg-quality", type=int, default=90)
+    ingest.add_argument("--jpeg-quality", type=int,
+                        help=f"default {_ingest_default('jpeg_quality')}")
     ingest.add_argument("--max-side", type=int, help="downscale longer sides to this (jpeg only)")
-    ingest.add_argument("--min-side", type=int, default=64, help="drop smaller images")
-    ingest.add_argument("--max-aspect-ratio", type=float, default=4.0)
-    ingest.add_argument("--min-pixel-std", type=float, default=2.0,
-                        help="drop near-constant images (grey-level std below this)")
-    ingest.add_argument("--near-duplicate-distance", type=int, default=6,
-                        help="perceptual-hash bits within which images are near duplicates")
+    ingest.add_argument("--min-side", type=int, help=f"drop smaller images (default "
+                        f"{_quality_default('min_side')})")
+    ingest.add_argument("--max-aspect-ratio", type=float,
+                        help=f"default {_quality_default('max_aspect_ratio')}")
+    ingest.add_argument("--min-pixel-std", type=float,
+                        help="drop near-constant images (grey-level std below this; default "
+                        f"{_quality_default('min_pixel_std')})")
+    ingest.add_argument("--near-duplicate-distance", type=int,
+                        help="perceptual-hash bits within which images are near duplicates "
+                        f"(default {_quality_default('near_duplicate_distance')})")
     ingest.add_argument("--list", metavar="FILE", type=_storage_url,
                         help="take the images from this file (or prefix of files) instead of "
                         "listing SRC: text (a path or URL a line), or CSV/Parquet with a url, "
                         "path or key (and bucket) column, such as an S3 Inventory")
-    ingest.add_argument("--seed", type=int, default=0,
-                        help="seed of the order of samples across shards")
-    ingest.add_argument("--images-per-part", type=int, default=10_000,
-                        help="images per unit of work: what a killed ingest does again")
+    ingest.add_argument("--seed", type=int,
+                        help=f"seed of the order of samples across shards (default "
+                        f"{_ingest_default('seed')})")
+    ingest.add_argument("--images-per-part", type=int,
+                        help="images per unit of work: what a killed ingest does again "
+                        f"(default {_ingest_default('images_per_part')})")
     ingest.add_argument("--overwrite", action="store_true",
                         help="replace shards already in DEST, or an unfinished ingest of other "
                         "options (rerunning the same command resumes it)")

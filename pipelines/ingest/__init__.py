@@ -1,13 +1,13 @@
 """``ssl-pretrain ingest SRC DEST``: raw images to shuffled, quality-filtered WebDataset shards.
 
 A Ray Data job end to end, in passes over Parquet parts under ``DEST/_ingest/``
-(``pipelines.workarea``); the driver holds counters, the shard plan's summary and the manifest,
+(``pipelines.ingest.workarea``); the driver holds counters, the shard plan's summary and the manifest,
 never a per-image record:
 1. **records** (``records.py``): prefixes of SRC listed in parallel (or the objects of
    ``--list``), a unique key per image, every image read, checked and hashed;
 2. **duplicates** (``duplicates.py``): exact copies by content hash, near copies by perceptual
-   hash within ``near_duplicate_distance`` bits (``pipelines.dedup``), and the greedy keep rule;
-3. **shards** (``shards.py``): kept images in a seeded random order, cut by bytes or count and
+   hash within ``near_duplicate_distance`` bits (``pipelines.ingest.dedup``), and the greedy keep rule;
+3. **shards** (``output.py``): kept images in a seeded random order, cut by bytes or count and
    written in parallel; then ``quality_report.json`` and, last, ``manifest.json`` (its presence
    marks a complete ingest), and the work prefix is removed.
 Every task writes its outputs, then a done marker: a killed ingest, rerun with the same command,
@@ -33,22 +33,22 @@ from pipelines.ingest.config import (
     key_for,
 )
 from pipelines.ingest.duplicates import find_duplicates
+from pipelines.ingest.output import plan_shards, shuffle_and_plan, write_shards
 from pipelines.ingest.records import (
     encode_for_shard,
     inspect_image,
     listing_units,
     make_records,
 )
-from pipelines.ingest.shards import plan_shards, shuffle_and_plan, write_shards
-from pipelines.quality import DROP_REASONS
-from pipelines.sources import RAW_IMAGE_SUFFIXES
-from pipelines.storage import (
+from pipelines.ingest.workarea import total
+from pipelines.storage.access import (
     StorageError,
     StorageOptions,
     open_filesystem,
     storage_call,
 )
-from pipelines.workarea import total
+from pipelines.stream.sources import RAW_IMAGE_SUFFIXES
+from pipelines.views.quality import DROP_REASONS
 
 __all__ = ["IngestConfig", "IngestMetrics", "ingest", "key_for", "inspect_image",
            "encode_for_shard", "plan_shards", "MANIFEST", "QUALITY_REPORT"]

@@ -14,10 +14,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipelines.quality import QualityConfig
+from pipelines.ingest.workarea import WorkArea
 from pipelines.settings import StrictSection
-from pipelines.storage import StorageOptions
-from pipelines.workarea import WorkArea
+from pipelines.storage.access import StorageOptions
+from pipelines.views.quality import QualityConfig
 
 MANIFEST = "manifest.json"
 QUALITY_REPORT = "quality_report.json"

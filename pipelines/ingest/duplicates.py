@@ -1,7 +1,7 @@
 """Ingest's duplicate search on the cluster: exact copies, near copies, and which image stays.
 
-Passes over the record parts (``pipelines.workarea``): exact duplicates grouped by content hash;
-the survivors' perceptual hashes grouped by blocks (``pipelines.dedup``'s scheme) and compared
+Passes over the record parts (``pipelines.ingest.workarea``): exact duplicates grouped by content hash;
+the survivors' perceptual hashes grouped by blocks (``pipelines.ingest.dedup``'s scheme) and compared
 within groups; then the greedy keep rule (largest first, ties by key) in rounds over the pairs
 found; last, every drop sent to its record part as a decision (key, reason, what it duplicates).
 No bucket grows with the input: each is sized by rows (``ROWS_PER_BUCKET``).
@@ -16,8 +16,7 @@ import pyarrow as pa
 
 from pipelines import dedup
 from pipelines.ingest.config import Job
-from pipelines.quality import EXACT_DUPLICATE, NEAR_DUPLICATE
-from pipelines.workarea import (
+from pipelines.ingest.workarea import (
     bucket_of,
     buckets_for,
     hash_integers,
@@ -29,6 +28,7 @@ from pipelines.workarea import (
     total,
     write_buckets,
 )
+from pipelines.views.quality import EXACT_DUPLICATE, NEAR_DUPLICATE
 
 # Rows a bucket of each pass is sized for: tens of MB of Parquet, whatever the input's size.
 ROWS_PER_BUCKET = {"exact": 200_000, "near": 2_000_000, "graph": 500_000}

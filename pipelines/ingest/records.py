@@ -18,24 +18,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipelines.decode import Rejected, decode_image
 from pipelines.ingest.config import IngestConfig, Job, key_for
-from pipelines.quality import (
-    BLANK,
-    READ_FAILED,
-    content_hash,
-    is_blank,
-    perceptual_hash,
-    size_reason,
-)
-from pipelines.sources import RAW_IMAGE_SUFFIXES
-from pipelines.storage import (
-    StorageError,
-    StorageUnavailable,
-    open_filesystem,
-    storage_call,
-)
-from pipelines.workarea import (
+from pipelines.ingest.workarea import (
     Progress,
     bucket_of,
     buckets_for,
@@ -46,6 +30,22 @@ from pipelines.workarea import (
     run_stage,
     total,
     write_buckets,
+)
+from pipelines.storage.access import (
+    StorageError,
+    StorageUnavailable,
+    open_filesystem,
+    storage_call,
+)
+from pipelines.stream.sources import RAW_IMAGE_SUFFIXES
+from pipelines.views.decode import Rejected, decode_image
+from pipelines.views.quality import (
+    BLANK,
+    READ_FAILED,
+    content_hash,
+    is_blank,
+    perceptual_hash,
+    size_reason,
 )
 
 

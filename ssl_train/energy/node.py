@@ -28,10 +28,10 @@ from typing import Any
 
 import psutil
 
-from pipelines.storage import StorageOptions
+from pipelines.storage.access import StorageOptions
 from ssl_train.energy.carbon import co2e_grams
 from ssl_train.energy.meters import NvmlGpu, cpu_model, load_nvml, node_meters
-from ssl_train.metrics_log import RunFile
+from ssl_train.monitors.metrics_log import RunFile
 
 STAGES = ("train", "data", "idle")
 NAMESPACE = "ssl-energy"
@@ -183,7 +183,7 @@ class EnergyExporter:
     def __init__(self, settings: EnergySettings, node: str):
         from ray.util.metrics import Counter
 
-        from ssl_train.telemetry import ENERGY_COUNTERS
+        from ssl_train.monitors.telemetry import ENERGY_COUNTERS
 
         self.settings = settings
         self.node = node

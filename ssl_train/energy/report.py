@@ -17,7 +17,7 @@ import posixpath
 from collections import defaultdict
 from collections.abc import Callable
 
-from pipelines.storage import StorageError, StorageOptions, open_filesystem, storage_call
+from pipelines.storage.access import StorageError, StorageOptions, open_filesystem, storage_call
 from ssl_train.energy.carbon import JOULES_PER_KWH, co2e_grams
 from ssl_train.energy.meters import DRAM_WATTS_PER_GIB, ESTIMATED, IDLE_SHARE, MEASURED, SAMPLED
 from ssl_train.energy.node import LEDGER_DIR, STAGES, utc

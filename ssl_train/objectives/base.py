@@ -25,8 +25,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from pipelines.augment import ViewSpec
 from pipelines.settings import StrictSection
+from pipelines.views.augment import ViewSpec
 
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 

@@ -7,11 +7,11 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from pipelines.augment import CropConfig, ViewSpec
-from ssl_train.decoder import DecoderConfig, MaskedDecoder
-from ssl_train.encoder import encode_visible
+from pipelines.views.augment import CropConfig, ViewSpec
 from ssl_train.losses import masked_reconstruction_loss
-from ssl_train.masking import mask_order, patchify
+from ssl_train.models.decoder import DecoderConfig, MaskedDecoder
+from ssl_train.models.encoder import encode_visible
+from ssl_train.models.masking import mask_order, patchify
 from ssl_train.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, StepContext
 
 

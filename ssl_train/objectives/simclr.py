@@ -7,10 +7,10 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from pipelines.augment import CropConfig, ViewSpec
-from ssl_train.encoder import pooled_features
-from ssl_train.heads import ProjectionHead, ProjectorConfig
+from pipelines.views.augment import CropConfig, ViewSpec
 from ssl_train.losses import nt_xent_loss
+from ssl_train.models.encoder import pooled_features
+from ssl_train.models.heads import ProjectionHead, ProjectorConfig
 from ssl_train.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import ssl_train.launcher
+import ssl_train.runtime.launcher
 from ssl_train.cli import main
 from tests.conftest import S3_CREDENTIALS
 from tests.reliability.faultproxy import Fault
@@ -216,7 +216,7 @@ def test_a_bad_field_is_exit_2_naming_the_key(override, key, tmp_path, capsys, m
     def ray_started(*args, **kwargs):
         raise _RayStarted("train went on to start Ray")
 
-    monkeypatch.setattr(ssl_train.launcher, "ensure_ray", ray_started)
+    monkeypatch.setattr(ssl_train.runtime.launcher, "ensure_ray", ray_started)
     code = main(["train", "--set", f"run.output_dir={tmp_path / 'runs'}", "--set", override])
     captured = capsys.readouterr()
     assert code == 2

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.augment import AugmentConfig, ViewSpec, make_views
-from pipelines.decode import Rejected, decode_image, open_image
-from pipelines.quality import DROP_REASONS, QualityConfig
 from pipelines.sample_images import sample_photograph_dir
+from pipelines.views.augment import AugmentConfig, ViewSpec, make_views
+from pipelines.views.decode import Rejected, decode_image, open_image
+from pipelines.views.quality import DROP_REASONS, QualityConfig
 
 pytestmark = pytest.mark.reliability
 

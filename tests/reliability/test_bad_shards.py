@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.decode import decode_image
-from pipelines.quality import QualityConfig
 from pipelines.sample_images import sample_photograph_dir
-from pipelines.shards import ReadStats, ShardError, iter_shard_samples
-from pipelines.sources import SourceConfig, list_shards, read_shard
-from pipelines.storage import StorageOptions
+from pipelines.storage.access import StorageOptions
+from pipelines.storage.shards import ReadStats, ShardError, iter_shard_samples
+from pipelines.stream.sources import SourceConfig, list_shards, read_shard
+from pipelines.views.decode import decode_image
+from pipelines.views.quality import QualityConfig
 
 pytestmark = pytest.mark.reliability
 

@@ -21,13 +21,13 @@ import pytest
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
-from pipelines.storage import StorageError
-from ssl_train.checkpoint import CheckpointError, load_checkpoint
+from pipelines.storage.access import StorageError
 from ssl_train.cli import main
 from ssl_train.config import load_config
-from ssl_train.launcher import train
-from ssl_train.model import SSLModel
-from ssl_train.optim import build_optimizer
+from ssl_train.models.ssl_model import SSLModel
+from ssl_train.runtime.launcher import train
+from ssl_train.train.checkpoint import CheckpointError, load_checkpoint
+from ssl_train.train.optim import build_optimizer
 from tests.reliability.conftest import tiny_overrides
 
 pytestmark = pytest.mark.reliability

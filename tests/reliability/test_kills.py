@@ -20,13 +20,13 @@ import psutil
 import pytest
 import ray
 
-from pipelines.cursor import epoch_order
 from pipelines.sample_images import sample_photograph_dir
-from pipelines.shards import shard_name, write_shard
-from pipelines.stream import DataConfig, DataStage
-from ssl_train.checkpoint import is_complete
+from pipelines.storage.shards import shard_name, write_shard
+from pipelines.stream.cursor import epoch_order
+from pipelines.stream.stage import DataConfig, DataStage
 from ssl_train.config import load_config
-from ssl_train.launcher import train
+from ssl_train.runtime.launcher import train
+from ssl_train.train.checkpoint import is_complete
 from tests.conftest import S3_CREDENTIALS
 from tests.pipelines.planted import PHOTOGRAPHS
 from tests.reliability.conftest import tiny_overrides
@@ -140,7 +140,7 @@ def _ray_train_workers_gone(deadline: float) -> None:
 
 
 @pytest.mark.full  # ~2 min (Ray notices the dead driver slowly); make test keeps the
-# partly-written checkpoint case (tests/ssl_train/test_distributed_training.py)
+# partly-written checkpoint case (tests/ssl_train/runtime/test_distributed_training.py)
 def test_a_driver_killed_during_a_checkpoint_write_resumes_from_the_last_complete_one(
         faulty_s3, tmp_path, ray_local, figures):
     proxy, bucket, direct = faulty_s3

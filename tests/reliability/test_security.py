@@ -17,9 +17,9 @@ import psutil
 import pytest
 import ray
 
-from pipelines.storage import StorageOptions
+from pipelines.storage.access import StorageOptions
 from ssl_train.config import load_config
-from ssl_train.launcher import train
+from ssl_train.runtime.launcher import train
 from tests.conftest import RAY_METRICS_PORT, free_port
 from tests.reliability.conftest import tiny_overrides
 

@@ -15,18 +15,18 @@ import pytest
 import ray
 
 from pipelines.sample_images import sample_photograph_dir
-from pipelines.shards import shard_name, write_shard
-from pipelines.storage import StorageOptions, StorageUnavailable
-from pipelines.stream import DataConfig, DataStage
-from ssl_train.checkpoint import (
+from pipelines.storage.access import StorageOptions, StorageUnavailable
+from pipelines.storage.shards import shard_name, write_shard
+from pipelines.stream.stage import DataConfig, DataStage
+from ssl_train.config import load_config
+from ssl_train.runtime.launcher import train
+from ssl_train.train.checkpoint import (
     is_complete,
     latest_complete_checkpoint,
     list_checkpoints,
     local_copy,
     verify_checkpoint,
 )
-from ssl_train.config import load_config
-from ssl_train.launcher import train
 from tests.reliability.conftest import tiny_overrides
 from tests.reliability.faultproxy import READS, WRITES, Fault
 

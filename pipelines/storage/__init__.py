@@ -1,0 +1,1 @@
+"""Object storage: filesystems, retries and errors (access), and the WebDataset shard format."""

@@ -1,0 +1,1 @@
+"""Decoding, quality checks, and the views of each image (crops and photometric augmentation)."""

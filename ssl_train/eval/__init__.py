@@ -1,0 +1,1 @@
+"""Frozen-encoder evaluation of a checkpoint, and export of its encoder as a timm model."""

@@ -1,0 +1,2 @@
+"""What a run says about itself: representation health, Prometheus series, and the run's
+metrics.jsonl."""
