@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 
-from pipelines import dedup
+from pipelines.ingest import dedup
 from pipelines.ingest.config import Job
 from pipelines.ingest.workarea import (
     bucket_of,
