@@ -140,7 +140,7 @@ def _ray_train_workers_gone(deadline: float) -> None:
 
 
 @pytest.mark.full  # ~2 min (Ray notices the dead driver slowly); make test keeps the
-# partly-written checkpoint case (tests/ssl_train/runtime/test_distributed_training.py)
+# partly-written checkpoint case (test_checkpoints_in_s3_resume_past_a_partly_written_one_...)
 def test_a_driver_killed_during_a_checkpoint_write_resumes_from_the_last_complete_one(
         faulty_s3, tmp_path, ray_local, figures):
     proxy, bucket, direct = faulty_s3

@@ -116,7 +116,7 @@ def test_a_two_worker_run_exports_every_metric_family(tmp_path, ray_local):
     server = _prometheus(tmp_path, prometheus_port)
     config = load_config("tiny-cpu", [*TINY_OVERRIDES, f"run.output_dir={tmp_path}",
                                       "run.name=telemetry", "train.steps=20",
-                                      "train.checkpoint_every=10", "telemetry.health_every=5",
+                                      "train.checkpoint_every=10", "telemetry.health_every=10",
                                       "telemetry.knn_monitor=digits"])
     scrapes: list[dict] = []
     done = threading.Event()
