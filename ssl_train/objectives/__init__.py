@@ -1,11 +1,15 @@
 """The objectives a model trains, by name: a registry that config and model both read.
 
-A new objective is one module: an ``ObjectiveConfig`` subclass with ``name: Literal["<name>"]``
-and an ``Objective`` subclass naming it as ``config_class``, registered with ``@register``. The
-built-in ones are imported below; one defined elsewhere registers when its module is imported.
+A new objective is one module in this folder: an ``ObjectiveConfig`` subclass with
+``name: Literal["<name>"]`` and an ``Objective`` subclass naming it as ``config_class``, decorated
+with ``@register``. Every module here is imported with the package, so nothing else is edited;
+an objective defined elsewhere registers when its module is imported.
 """
 
 from __future__ import annotations
+
+import importlib
+import pkgutil
 
 from ssl_train.objectives.base import (
     Objective,
@@ -41,12 +45,14 @@ def objective_class(name: str) -> type[Objective]:
                        f"{', '.join(objective_names())}") from None
 
 
-from ssl_train.objectives.mae import MAE, MAEConfig  # noqa: E402  (built-ins register here)
-from ssl_train.objectives.simclr import SimCLR, SimCLRConfig  # noqa: E402
+def _import_every_objective() -> None:
+    """Import every module of this folder: each registers its objective with ``@register``."""
+    for module in pkgutil.iter_modules(__path__):
+        if module.name != "base":
+            importlib.import_module(f"{__name__}.{module.name}")
 
-register(SimCLR)
-register(MAE)
 
-__all__ = ["MAE", "MAEConfig", "Objective", "ObjectiveConfig", "ObjectiveOutput", "SimCLR",
-           "SimCLRConfig", "StepContext", "ViewSpec", "objective_class", "objective_names",
-           "register", "step_seed"]
+_import_every_objective()
+
+__all__ = ["Objective", "ObjectiveConfig", "ObjectiveOutput", "StepContext", "ViewSpec",
+           "objective_class", "objective_names", "register", "step_seed"]

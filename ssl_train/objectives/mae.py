@@ -12,6 +12,7 @@ from ssl_train.losses import masked_reconstruction_loss
 from ssl_train.models.decoder import DecoderConfig, MaskedDecoder
 from ssl_train.models.encoder import encode_visible
 from ssl_train.models.masking import mask_order, patchify
+from ssl_train.objectives import register
 from ssl_train.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, StepContext
 
 
@@ -37,6 +38,7 @@ class MAEConfig(ObjectiveConfig):
                     f"model.encoder.{key} ({theirs}): the decoder is the lightweight part")
 
 
+@register
 class MAE(Objective):
     """Masked autoencoding of one unaugmented crop, per-patch normalised pixel targets."""
 

@@ -11,6 +11,7 @@ from pipelines.views.augment import CropConfig, ViewSpec
 from ssl_train.losses import nt_xent_loss
 from ssl_train.models.encoder import pooled_features
 from ssl_train.models.heads import ProjectionHead, ProjectorConfig
+from ssl_train.objectives import register
 from ssl_train.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput
 
 
@@ -31,6 +32,7 @@ class SimCLRConfig(ObjectiveConfig):
                 "(train.global_batch_size / optim.accumulation_steps)")
 
 
+@register
 class SimCLR(Objective):
     """Two photometrically augmented crops of each image; their projections attract, every
     other image's repel (negatives gathered from every worker)."""
