@@ -86,6 +86,7 @@ def _run_on_faulty_s3(direct, bucket: str, name: str, *extra: str):
         *extra))
 
 
+@pytest.mark.full  # ~60 s; make test keeps the read faults and the outage cases
 def test_a_run_completes_through_faults_on_reads_and_checkpoint_writes(faulty_s3, ray_local,
                                                                          figures):
     proxy, bucket, direct = faulty_s3

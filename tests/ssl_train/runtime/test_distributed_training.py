@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import ray.cloudpickle
 import s3fs
 
@@ -162,6 +163,8 @@ TWO_NODE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.reliability  # a second Ray cluster, ~75 s: a long variant, run by make reliability
+@pytest.mark.full
 def test_two_node_cluster_runs_one_worker_per_node(tmp_path):
     overrides = [*TINY, f"run.output_dir={tmp_path}", "run.name=twonode", "train.steps=3",
                  "train.checkpoint_every=3", "train.placement_strategy=STRICT_SPREAD",
