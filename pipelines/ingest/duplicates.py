@@ -25,6 +25,7 @@ from pipelines.ingest.workarea import (
     part_name,
     read_bucket,
     run_stage,
+    run_starts,
     total,
     write_buckets,
 )
@@ -69,7 +70,7 @@ def _exact_reduce(job: Job) -> Callable[[int], dict]:
             table = read_bucket(area, "exact-in", index, EXACT_SCHEMA).sort_by(
                 [("sha256", "ascending"), ("area", "descending"), ("key", "ascending")])
             sha = table["sha256"].to_numpy(zero_copy_only=False)
-            first = np.r_[True, sha[1:] != sha[:-1]] if len(sha) else np.array([], bool)
+            first = run_starts(sha)
             group_start = np.maximum.accumulate(np.where(first, np.arange(len(sha)), 0))
             reps = table.filter(pa.array(first))
             members = table.filter(pa.array(~first))
@@ -180,7 +181,7 @@ def _status_init(job: Job) -> Callable[[int], dict]:
             vertices = read_bucket(area, "vertices", index, VERTEX_SCHEMA).sort_by(
                 [("key", "ascending"), ("worse", "descending")])
             key = vertices["key"].to_numpy(zero_copy_only=False)
-            first = np.r_[True, key[1:] != key[:-1]] if len(key) else np.array([], bool)
+            first = run_starts(key)
             firsts = vertices.filter(pa.array(first))  # a worse row first, if the key has one
             status = np.where(np.asarray(firsts["worse"]), dedup.UNDECIDED,
                               dedup.KEPT).astype(np.int8)

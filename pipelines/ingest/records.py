@@ -28,6 +28,7 @@ from pipelines.ingest.workarea import (
     part_name,
     read_bucket,
     run_stage,
+    run_starts,
     total,
     write_buckets,
 )
@@ -216,7 +217,7 @@ def _keys_reduce(job: Job) -> Callable[[int], dict]:
                 [("key0", "ascending"), ("path", "ascending")])
             key0 = table["key0"].to_numpy(zero_copy_only=False)
             # The second and later paths with one key (in path order) get -1, -2, ...
-            first = np.r_[True, key0[1:] != key0[:-1]] if len(key0) else np.array([], bool)
+            first = run_starts(key0)
             starts = np.maximum.accumulate(np.where(first, np.arange(len(key0)), 0))
             rank = np.arange(len(key0)) - starts
             keys = [k if r == 0 else f"{k}-{r}" for k, r in zip(key0.tolist(), rank.tolist())]

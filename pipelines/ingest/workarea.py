@@ -41,6 +41,13 @@ from pipelines.storage.access import (
 DONE = ".done"
 
 
+def run_starts(values: np.ndarray) -> np.ndarray:
+    """A boolean mask of the first row of each run of equal values (``values`` sorted)."""
+    if not len(values):
+        return np.array([], bool)
+    return np.r_[True, values[1:] != values[:-1]]
+
+
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     """A well-mixed 64-bit hash of 64-bit integers (SplitMix64's finaliser)."""
     with np.errstate(over="ignore"):

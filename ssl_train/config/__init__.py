@@ -25,6 +25,7 @@ from pipelines.settings import StrictSection
 from pipelines.storage.access import CREDENTIALS_IN_URL, StorageUrl, is_remote
 from pipelines.stream.stage import DataConfig
 from pipelines.views.augment import ViewSpec, merge_views
+from ssl_train.models.decoder import check_heads_divide_width
 from ssl_train.objectives import ObjectiveConfig, objective_class, objective_names
 
 PACKAGED_CONFIG_DIR = Path(__file__).parents[1] / "configs"
@@ -36,12 +37,6 @@ NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 class ConfigError(ValueError):
     """A configuration a user wrote cannot be used; the message says which key and why."""
-
-
-def _check_heads_divide_width(embed_dim: int, num_heads: int) -> None:
-    """Attention splits the width evenly over the heads."""
-    if embed_dim % num_heads:
-        raise ValueError(f"embed_dim ({embed_dim}) must be a multiple of num_heads ({num_heads})")
 
 
 class EncoderConfig(StrictSection):
@@ -58,7 +53,7 @@ class EncoderConfig(StrictSection):
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "EncoderConfig":
-        _check_heads_divide_width(self.embed_dim, self.num_heads)
+        check_heads_divide_width(self.embed_dim, self.num_heads)
         return self
 
 

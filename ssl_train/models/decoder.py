@@ -22,6 +22,12 @@ PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
+def check_heads_divide_width(embed_dim: int, num_heads: int) -> None:
+    """Attention splits the width evenly over the heads (the encoder's config checks it too)."""
+    if embed_dim % num_heads:
+        raise ValueError(f"embed_dim ({embed_dim}) must be a multiple of num_heads ({num_heads})")
+
+
 class DecoderConfig(StrictSection):
     """The masked branch's lightweight transformer decoder."""
 
@@ -32,9 +38,7 @@ class DecoderConfig(StrictSection):
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "DecoderConfig":
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim ({self.embed_dim}) must be a multiple of num_heads "
-                             f"({self.num_heads})")
+        check_heads_divide_width(self.embed_dim, self.num_heads)
         return self
 
 
