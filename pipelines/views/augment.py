@@ -43,12 +43,33 @@ class CropConfig(StrictSection):
 
 class ViewSpec(StrictSection):
     """One view an objective reads: its batch key, its crop, its output size (the model's image
-    size when unset) and whether the run's photometric augmentation applies to it."""
+    size when unset), whether the run's photometric augmentation applies to it, and fields of
+    that augmentation this view sets its own way (``photometric_overrides``: BYOL's asymmetric
+    views, one always blurred, the other sometimes solarised)."""
 
     name: Annotated[str, Field(pattern=r"^view_[a-z0-9_]+$")]
     crop: CropConfig = CropConfig()
     photometric: bool = False
+    photometric_overrides: dict[str, float] = {}
     size: Annotated[int, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _known_overrides(self) -> "ViewSpec":
+        unknown = sorted(set(self.photometric_overrides) - set(PhotometricConfig.model_fields))
+        if unknown:
+            raise ValueError(f"view {self.name}: photometric_overrides has unknown fields "
+                             f"{', '.join(unknown)}")
+        if self.photometric_overrides and not self.photometric:
+            raise ValueError(f"view {self.name}: photometric_overrides need photometric: true")
+        PhotometricConfig.model_validate(self.photometric_overrides)  # each value in range
+        return self
+
+    def photometric_config(self, run: PhotometricConfig) -> PhotometricConfig:
+        """The run's photometric augmentation with this view's overrides."""
+        if not self.photometric_overrides:
+            return run
+        return PhotometricConfig.model_validate({**run.model_dump(),
+                                                 **self.photometric_overrides})
 
 
 # The hybrid's views (SimCLR's two and MAE's one), for callers that name no objectives.
@@ -171,7 +192,7 @@ def make_views(
         raise Rejected(BLANK)
     pixels = _as_tensor(image)
     cut = [_cut(pixels, crop, full_size, size) for crop, size in zip(crops, sizes)]
-    params = {view.name: sample_photometric(rng, augment.photometric, size)
+    params = {view.name: sample_photometric(rng, view.photometric_config(augment.photometric), size)
               for view, size in zip(views, sizes) if view.photometric}
     out: dict[str, np.ndarray] = {}
     threshold = augment.photometric.solarize_threshold

@@ -93,12 +93,14 @@ def apply_parallelism(
     precision = resolve_precision(device, mixed_precision)
     policy = MixedPrecisionPolicy(param_dtype=precision.param_dtype,
                                   reduce_dtype=precision.reduce_dtype)
+    # Each encoder's patch embedding (the shared one's and the EMA teachers') travels with its
+    # first block: one group fewer, and it casts the images that encoder sees while the root
+    # leaves them (and the pixel targets) fp32.
+    patch_embeds = {id(encoder.blocks): encoder.patch_embed for encoder in model.encoders()}
     for container in containers:
         for index, block in enumerate(container):
-            # The patch embedding travels with the first block: one group fewer, and it casts
-            # the images the encoder sees while the root leaves them (and the pixel targets) fp32.
-            group = [model.encoder.patch_embed, block] if container is model.encoder.blocks \
-                and index == 0 else block
+            embed = patch_embeds.get(id(container)) if index == 0 else None
+            group = [embed, block] if embed is not None else block
             fully_shard(group, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     if any(True for _ in model.weighting.parameters()):
         fully_shard(model.weighting, reshard_after_forward=False,

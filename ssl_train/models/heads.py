@@ -1,4 +1,5 @@
-"""The contrastive branch's projection head and the batch norm it needs across workers.
+"""The objectives' heads (MLP projectors and predictors, DINO's head) and the batch norm they
+need across workers.
 
 SimCLR normalises the projection head over the global batch: with per-worker statistics, each
 worker's batch could be told apart by its statistics alone, and a 2-worker run would not compute
@@ -20,10 +21,24 @@ from ssl_train.distributed.collectives import all_gather_with_grad, world_size
 
 
 class ProjectorConfig(StrictSection):
-    """The contrastive branch's MLP head: Linear-BN-ReLU-Linear."""
+    """An MLP head: ``num_layers`` linear layers, batch norm and ReLU between them (SimCLR's
+    Linear-BN-ReLU-Linear with the defaults); ``last_bn`` adds a batch norm without affine
+    parameters after the last layer (MoCo v3's and SimSiam's projectors)."""
 
     hidden_dim: Annotated[int, Field(gt=0)] = 2048
     out_dim: Annotated[int, Field(gt=0)] = 128
+    num_layers: Annotated[int, Field(ge=1)] = 2
+    last_bn: bool = False
+
+
+class DINOHeadConfig(StrictSection):
+    """DINO's head: an MLP (GELU) to a bottleneck, L2-normalised, then a weight-normalised linear
+    layer to ``out_dim`` prototypes."""
+
+    hidden_dim: Annotated[int, Field(gt=0)] = 2048
+    bottleneck_dim: Annotated[int, Field(gt=0)] = 256
+    out_dim: Annotated[int, Field(gt=0)] = 65536
+    num_layers: Annotated[int, Field(ge=1)] = 3
 
 
 def _float(param: torch.Tensor | None) -> torch.Tensor | None:
@@ -75,16 +90,60 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
 
 class ProjectionHead(nn.Module):
-    """SimCLR's MLP projection: Linear - BN - ReLU - Linear."""
+    """An MLP projector or predictor with global batch norm: (Linear - BN - ReLU) x
+    (num_layers - 1), then Linear (with a bias unless followed by ``last_bn``), then optionally an
+    affine-free BN. Linears followed by a batch norm have no bias (it would be cancelled)."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,
+                 last_bn: bool = False):
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim, bias=False),
-            GlobalBatchNorm1d(hidden_dim),
-            nn.ReLU(),  # not in place: an in-place op on a hooked module's output is refused
-            nn.Linear(hidden_dim, out_dim),
-        )
+        layers: list[nn.Module] = []
+        for index in range(num_layers - 1):
+            layers += [nn.Linear(in_dim if index == 0 else hidden_dim, hidden_dim, bias=False),
+                       GlobalBatchNorm1d(hidden_dim),
+                       nn.ReLU()]  # not in place: in-place ops on a hooked output are refused
+        layers.append(nn.Linear(hidden_dim if num_layers > 1 else in_dim, out_dim,
+                                bias=not last_bn))
+        if last_bn:
+            layers.append(GlobalBatchNorm1d(out_dim, affine=False))
+        self.layers = nn.Sequential(*layers)
+
+    @classmethod
+    def from_config(cls, in_dim: int, config: ProjectorConfig) -> "ProjectionHead":
+        return cls(in_dim, config.hidden_dim, config.out_dim, config.num_layers, config.last_bn)
 
     def forward(self, features_nd: torch.Tensor) -> torch.Tensor:
         return self.layers(features_nd)
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head: MLP with GELU to a bottleneck, L2 normalisation, and a last layer
+    whose weight rows are normalised to unit length (weight normalisation with the gain fixed at
+    1, DINO's ``norm_last_layer``), computed in fp32 so prototypes stay unit-length under bf16."""
+
+    def __init__(self, in_dim: int, config: DINOHeadConfig):
+        super().__init__()
+        layers: list[nn.Module] = []
+        dim = in_dim
+        for _ in range(config.num_layers - 1):
+            layers += [nn.Linear(dim, config.hidden_dim), nn.GELU()]
+            dim = config.hidden_dim
+        layers.append(nn.Linear(dim, config.bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)
+        for module in self.mlp:
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+        self.prototypes = nn.Parameter(torch.empty(config.out_dim, config.bottleneck_dim))
+        nn.init.trunc_normal_(self.prototypes, std=0.02)
+
+    def bottleneck(self, features_nd: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised bottleneck features, (N, bottleneck_dim)."""
+        return F.normalize(self.mlp(features_nd).float(), dim=-1)
+
+    def logits(self, bottleneck_nd: torch.Tensor) -> torch.Tensor:
+        """Logits over the prototypes of bottleneck features, (N, out_dim), fp32."""
+        return F.linear(bottleneck_nd, F.normalize(self.prototypes.float(), dim=1))
+
+    def forward(self, features_nd: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.bottleneck(features_nd))

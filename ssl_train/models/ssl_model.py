@@ -28,6 +28,7 @@ class ModelOutput:
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     embeddings: torch.Tensor | None = None  # detached, for the collapse monitor
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)  # the objectives' signals
 
 
 class SSLModel(nn.Module):
@@ -37,10 +38,10 @@ class SSLModel(nn.Module):
         super().__init__()
         self.model_config = config.model
         self.encoder = build_encoder(config.model)
-        photometric = config.data.augment.photometric
         self.objectives = nn.ModuleDict({
-            entry.name: objective_class(entry.name)(entry, config.model, photometric)
-            for entry in config.objectives})
+            entry.name: objective_class(entry.name)(entry, config) for entry in config.objectives})
+        for objective in self.objectives.values():
+            objective.attach(self.encoder)  # EMA teachers start as copies of the encoder
         names = tuple(name for objective in self.objectives.values()
                       for name in objective.loss_names)
         fixed = tuple(objective.config.weight for objective in self.objectives.values()
@@ -51,9 +52,14 @@ class SSLModel(nn.Module):
         """The views the objectives read."""
         return [view for objective in self.objectives.values() for view in objective.views()]
 
+    def encoders(self) -> list[nn.Module]:
+        """The shared encoder, then the objectives' own (EMA teachers)."""
+        return [self.encoder] + [encoder for objective in self.objectives.values()
+                                 for encoder in objective.encoders()]
+
     def block_containers(self) -> list[nn.ModuleList]:
         """The repeated blocks, encoder then objectives: the units a parallelism wrapper shards."""
-        containers = [self.encoder.blocks]
+        containers = [encoder.blocks for encoder in self.encoders()]
         for objective in self.objectives.values():
             containers += objective.block_containers()
         return containers
@@ -67,6 +73,11 @@ class SSLModel(nn.Module):
         for objective in self.objectives.values():
             inputs |= objective.step_inputs(context)
         return inputs
+
+    def start_step(self, step: int) -> None:
+        """Where the objectives' schedules stand for step ``step`` (0-based)."""
+        for objective in self.objectives.values():
+            objective.start_step(step)
 
     def after_step(self, step: int) -> None:
         for objective in self.objectives.values():
@@ -106,13 +117,15 @@ class SSLModel(nn.Module):
         # entry points, and nested hooks would re-gather the root's parameters.
         inputs = inputs or {}
         losses: dict[str, torch.Tensor] = {}
+        signals: dict[str, torch.Tensor] = {}
         embeddings = None
         for objective in self.objectives.values():
             out = objective(self.encoder, views, inputs)
             losses |= out.losses
+            signals |= out.signals
             if embeddings is None and out.embeddings is not None:
                 embeddings = out.embeddings
         total, weights = self.weighting(losses)
         return ModelOutput(loss=total,
                            losses={name: value.detach() for name, value in losses.items()},
-                           weights=weights, embeddings=embeddings)
+                           weights=weights, embeddings=embeddings, signals=signals)

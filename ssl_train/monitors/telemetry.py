@@ -32,6 +32,9 @@ TRAINING_GAUGES = {
     "ssl_loss": ("Loss of the last step by component (total, contrastive, masked)",
                  ("component",)),
     "ssl_loss_weight": ("Current weight of each loss component", ("component",)),
+    "ssl_objective_signal": ("An objective's signal that is not a loss (e.g. DINO's teacher "
+                             "entropy and teacher-student KL: collapse when the KL reaches 0)",
+                             ("signal",)),
     "ssl_learning_rate": ("Learning rate of the last step", ()),
     "ssl_grad_norm": ("Gradient norm before clipping", ()),
     "ssl_peak_memory_bytes": ("Peak accelerator memory (GPU) or peak resident memory (CPU)",
@@ -107,6 +110,8 @@ class TrainingTelemetry:
                 self._set("ssl_loss", value, component=key.removeprefix("loss_"))
             elif key.startswith("weight_"):
                 self._set("ssl_loss_weight", value, component=key.removeprefix("weight_"))
+            elif key.startswith("signal_"):
+                self._set("ssl_objective_signal", value, signal=key.removeprefix("signal_"))
         device, peak = peak_memory()
         self._set("ssl_peak_memory_bytes", peak, device=device)
 

@@ -8,8 +8,11 @@ rest of the system:
 - any per-step random inputs drawn for the whole global batch (``step_inputs``, e.g. MAE's
   masking order), so 1 worker and N workers compute the same losses;
 - its transformer blocks (``block_containers``), which the parallelism wrapper shards one by one;
-- what happens after each optimiser step (``after_step``: EMA teachers, schedules);
-- which encoder is exported and evaluated (``export_encoder``).
+- where a step's schedules stand (``start_step``: DINO's teacher temperature) and what happens
+  after each optimiser step (``after_step``: EMA teachers);
+- its own copies of the encoder, if any (``attach`` makes them from the shared encoder once it is
+  built; ``encoders`` lists them, so they are sharded like it), and which encoder is exported and
+  evaluated (``export_encoder``: DINO's teacher, for example).
 
 Its ``forward`` gets the shared encoder, this micro-batch's normalised views and its step inputs,
 and returns its losses by component name. The model adds the losses up with the loss weighting.
@@ -17,7 +20,7 @@ and returns its losses by component name. The model adds the losses up with the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, ClassVar
 
 import numpy as np
@@ -78,10 +81,13 @@ class StepContext:
 
 @dataclass
 class ObjectiveOutput:
-    """One objective's losses by component name, and (optionally) embeddings for the monitor."""
+    """One objective's losses by component name, (optionally) embeddings for the monitor, and
+    signals worth watching that are not losses (detached scalars, e.g. DINO's teacher entropy;
+    logged as ``signal_<name>`` and exported as ``ssl_objective_signal{signal=<name>}``)."""
 
     losses: dict[str, torch.Tensor]
     embeddings: torch.Tensor | None = None
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Objective(nn.Module):
@@ -91,11 +97,21 @@ class Objective(nn.Module):
     # The loss components it returns, in order (the names logged and exported as `component`).
     loss_names: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config: ObjectiveConfig, model_config, photometric=None):
+    def __init__(self, config: ObjectiveConfig, run):
+        """``run`` is the whole ``PretrainConfig`` (model shapes, the run's length for schedules,
+        the photometric augmentation)."""
         super().__init__()
         self.config = config
-        self.model_config = model_config
-        self.photometric = photometric
+        self.model_config = run.model
+        self.total_steps = run.train.steps
+        self.step = 0  # the step being trained (0-based), set by ``start_step``
+
+    def attach(self, encoder: nn.Module) -> None:
+        """Called once with the shared encoder, built: objectives with a teacher copy it here."""
+
+    def encoders(self) -> list[nn.Module]:
+        """Encoders of this objective's own (EMA teachers), sharded like the shared one."""
+        return []
 
     @property
     def name(self) -> str:
@@ -116,6 +132,10 @@ class Objective(nn.Module):
     def project(self, features_nd: torch.Tensor) -> torch.Tensor | None:
         """The embedding the collapse monitor watches, if this objective has a projection."""
         return None
+
+    def start_step(self, step: int) -> None:
+        """Called before each step's forward with its 0-based index (also on resume)."""
+        self.step = step
 
     def after_step(self, step: int) -> None:
         """Called after every optimiser step (``step`` counts steps done)."""

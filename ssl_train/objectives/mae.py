@@ -45,8 +45,9 @@ class MAE(Objective):
     config_class = MAEConfig
     loss_names = ("masked",)
 
-    def __init__(self, config: MAEConfig, model_config, photometric=None):
-        super().__init__(config, model_config, photometric)
+    def __init__(self, config: MAEConfig, run):
+        super().__init__(config, run)
+        model_config = run.model
         self.patch_size = model_config.encoder.patch_size
         self.decoder = MaskedDecoder(
             num_patches=model_config.num_patches,

@@ -40,10 +40,9 @@ class SimCLR(Objective):
     config_class = SimCLRConfig
     loss_names = ("contrastive",)
 
-    def __init__(self, config: SimCLRConfig, model_config, photometric=None):
-        super().__init__(config, model_config, photometric)
-        self.projector = ProjectionHead(model_config.encoder.embed_dim,
-                                        config.projector.hidden_dim, config.projector.out_dim)
+    def __init__(self, config: SimCLRConfig, run):
+        super().__init__(config, run)
+        self.projector = ProjectionHead.from_config(run.model.encoder.embed_dim, config.projector)
 
     def project(self, features_nd: torch.Tensor) -> torch.Tensor:
         return self.projector(features_nd)

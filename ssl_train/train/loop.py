@@ -54,6 +54,7 @@ class Trainer:
         views = normalize_views(batch, self.device,
                                 config.data.augment.photometric.solarize_threshold)
         torch.manual_seed(step_seed(config.train.seed, step, 2 + self.rank))  # drop path
+        self.model.start_step(step)  # the objectives' schedules (teacher temperature)
         inputs = self.model.step_inputs(StepContext(config.train.seed, step, self.rank,
                                                     self.world, config.train.global_batch_size))
         return train_step(self.model, self.optimizer, self.scheduler, views, config, inputs)

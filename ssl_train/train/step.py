@@ -90,6 +90,7 @@ def train_step(
         logged = {"loss": output.loss.detach()}
         logged |= {f"loss_{name}": value for name, value in output.losses.items()}
         logged |= {f"weight_{name}": value for name, value in output.weights.items()}
+        logged |= {f"signal_{name}": value for name, value in output.signals.items()}
         for key, value in logged.items():
             summed[key] = summed.get(key, 0.0) + float(value) / len(chunks)
         if output.embeddings is not None:

@@ -112,9 +112,15 @@ def _query(port: int, promql: str) -> list:
 
 
 def test_a_two_worker_run_exports_every_metric_family(tmp_path, ray_local):
+    """Of the iBOT-like hybrid [dino, mae]: an EMA teacher sharded over two workers, DINO's
+    signals, and the collapse monitor and kNN on the teacher DINO exports."""
     prometheus_port = free_port()
     server = _prometheus(tmp_path, prometheus_port)
-    config = load_config("tiny-cpu", [*TINY_OVERRIDES, f"run.output_dir={tmp_path}",
+    config = load_config("tiny-cpu", [*TINY_OVERRIDES, "objectives=[dino, mae]",
+                                      "objectives.dino.head.out_dim=256",
+                                      "objectives.dino.head.hidden_dim=128",
+                                      "objectives.dino.local_crops=2",
+                                      f"run.output_dir={tmp_path}",
                                       "run.name=telemetry", "train.steps=20",
                                       "train.checkpoint_every=10", "telemetry.health_every=10",
                                       "telemetry.knn_monitor=digits"])
@@ -149,7 +155,10 @@ def test_a_two_worker_run_exports_every_metric_family(tmp_path, ray_local):
             assert _value(final, "ssl_images_per_second", run="telemetry", rank=rank) > 0
         components = {s.labels["component"] for s in final["ssl_loss"]
                       if s.labels.get("run") == "telemetry"}
-        assert components == {"total", "contrastive", "masked"}
+        assert components == {"total", "dino", "masked"}
+        signals = {s.labels["signal"] for s in final["ssl_objective_signal"]
+                   if s.labels.get("run") == "telemetry"}
+        assert signals == {"dino_teacher_entropy", "dino_kl"}
         assert 0 < _value(final, "ssl_embedding_std", run="telemetry", rank="0") < 1
         assert _value(final, "ssl_checkpoint_bytes", run="telemetry", rank="0") > 0
         assert _value(final, "ssl_data_images_emitted_total", run="telemetry") >= 20 * 8

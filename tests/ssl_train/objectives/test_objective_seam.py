@@ -42,9 +42,9 @@ class Rotation(Objective):
     config_class = RotationConfig
     loss_names = ("rotation",)
 
-    def __init__(self, config, model_config, photometric=None):
-        super().__init__(config, model_config, photometric)
-        self.classifier = nn.Linear(model_config.encoder.embed_dim, 4)
+    def __init__(self, config, run):
+        super().__init__(config, run)
+        self.classifier = nn.Linear(run.model.encoder.embed_dim, 4)
         self.steps_seen = 0
 
     def step_inputs(self, context: StepContext) -> dict[str, torch.Tensor]:

@@ -1,0 +1,28 @@
+"""DINO's self-distillation loss (Caron et al., 2021) for one student/teacher pair of views.
+
+The teacher's logits are centred (``center``: a running mean of the teacher's outputs, kept by
+the objective) and sharpened with a low temperature; the student's are softened with a higher
+one; the loss is the cross entropy of the student's distribution under the teacher's,
+``-sum_k softmax((t - c) / T_t)_k log softmax(s / T_s)_k``, averaged over the batch. The teacher
+side carries no gradient. Computed in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def dino_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, center: torch.Tensor,
+              student_temperature: float, teacher_temperature: float) -> torch.Tensor:
+    """Cross entropy of the student's softmax under the centred, sharpened teacher's; (N, K)."""
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError("student_logits and teacher_logits must both be (N, K), got "
+                         f"{tuple(student_logits.shape)}, {tuple(teacher_logits.shape)}")
+    if student_temperature <= 0 or teacher_temperature <= 0:
+        raise ValueError("temperatures must be > 0, got "
+                         f"{student_temperature} and {teacher_temperature}")
+    targets = F.softmax((teacher_logits.detach().float() - center.float()) / teacher_temperature,
+                        dim=-1)
+    log_student = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
+    return -(targets * log_student).sum(dim=-1).mean()
