@@ -1,15 +1,17 @@
-"""The ablation: what each objective contributes, on scikit-learn's digits.
+"""The ablation: what each objective, and each hybrid, contributes, on scikit-learn's digits.
 
-    .venv/bin/python benchmarks/ablation.py --steps 200 --seeds 0 1 2 --out docs/ablation
+    .venv/bin/python benchmarks/ablation.py --steps 300 --seeds 0 1 2 --out docs/ablation
 
 Digits are upsampled to 32 px; half of each class (a fixed stratified split) is the unlabelled
 pretraining set, the other half the held-out test set. For each seed, the same small ViT
-(patch 4, 128 wide, 4 deep) is trained in-process with the same budget of steps, batch, views
-and learning rate under five objectives: none (random init), contrastive only, masked only,
-hybrid with fixed weights, hybrid with learned weights. Each encoder's frozen features are read
-out with kNN, a linear probe and a 10-shot probe (``ssl_train.eval.evaluate.evaluate_features``).
-Writes OUT/results.json (every run), OUT/table.md (mean and std over seeds) and OUT/curves.png
-(losses and learned weights over training, first seed).
+(patch 4, 128 wide, 4 deep) is trained in-process with the same budget of steps, batch and
+learning rate under each arm: none (random init), each of the six objectives alone, the
+SimCLR + MAE hybrid with fixed and with learned weights, and the hybrids [dino, mae] and
+[byol, mae]. Heads are scaled to the small encoder (``HEADS``). Each encoder's frozen features
+(the teacher's for DINO, as DINO evaluates) are read out with kNN, a linear probe and a 10-shot
+probe (``ssl_train.eval.evaluate.evaluate_features``). Writes OUT/results.json (every run, with
+its wall time), OUT/table.md (mean and std over seeds) and OUT/curves.png (each objective's loss
+and the learned weights over training, first seed).
 """
 
 from __future__ import annotations
@@ -34,23 +36,52 @@ from ssl_train.train.loop import train_in_process
 IMAGE_SIZE = 32
 BASE = [
     f"model.image_size={IMAGE_SIZE}", "model.encoder.patch_size=4", "model.encoder.embed_dim=128",
-    "model.encoder.depth=4", "model.encoder.num_heads=4", "objectives.mae.decoder.embed_dim=64",
-    "objectives.mae.decoder.depth=2", "objectives.mae.decoder.num_heads=4",
-    "objectives.simclr.projector.hidden_dim=256", "objectives.simclr.projector.out_dim=64",
-    "train.global_batch_size=64", "optim.warmup_steps=20",
-    "objectives.simclr.crop.scale=[0.3, 1.0]", "objectives.mae.crop.scale=[0.5, 1.0]",
-    "train.log_every=1000",
+    "model.encoder.depth=4", "model.encoder.num_heads=4", "train.global_batch_size=64",
+    "optim.warmup_steps=20", "train.log_every=1000",
 ]
+# Each objective's heads and crops, scaled to the 128-wide encoder and 32 px digits. The EMA
+# teachers start at momentum 0.99 (0.996 in BYOL and DINO's long runs): at a few hundred steps,
+# 0.996 would leave the teacher close to its random initialisation.
+HEADS = {
+    "simclr": ["projector.hidden_dim=256", "projector.out_dim=64", "crop.scale=[0.3, 1.0]"],
+    "mae": ["decoder.embed_dim=64", "decoder.depth=2", "decoder.num_heads=4",
+            "crop.scale=[0.5, 1.0]"],
+    "mocov3": ["projector.hidden_dim=256", "projector.out_dim=64", "predictor.hidden_dim=256",
+               "predictor.out_dim=64", "crop.scale=[0.3, 1.0]", "momentum=0.99"],
+    "byol": ["projector.hidden_dim=256", "projector.out_dim=64", "predictor.hidden_dim=256",
+             "predictor.out_dim=64", "crop.scale=[0.3, 1.0]", "momentum=0.99"],
+    "simsiam": ["projector.hidden_dim=256", "projector.out_dim=256", "predictor.hidden_dim=64",
+                "predictor.out_dim=256", "crop.scale=[0.3, 1.0]"],
+    "dino": ["head.hidden_dim=256", "head.bottleneck_dim=64", "head.out_dim=1024",
+             "global_crop.scale=[0.4, 1.0]", "local_crop.scale=[0.1, 0.4]", "local_crops=4",
+             "local_size=16", "momentum=0.99"],
+}
+# arm -> (objectives, weighting); None: the random encoder.
 VARIANTS = {
     "random init": None,
-    "contrastive only": ["objectives=[simclr]"],
-    "masked only": ["objectives=[mae]"],
-    "hybrid, fixed weights": ["weighting=fixed"],
-    "hybrid, learned weights": ["weighting=learned"],
+    "simclr": (["simclr"], "learned"),
+    "mocov3": (["mocov3"], "learned"),
+    "byol": (["byol"], "learned"),
+    "simsiam": (["simsiam"], "learned"),
+    "dino": (["dino"], "learned"),
+    "mae": (["mae"], "learned"),
+    "[simclr, mae] fixed": (["simclr", "mae"], "fixed"),
+    "[simclr, mae] learned": (["simclr", "mae"], "learned"),
+    "[dino, mae] learned": (["dino", "mae"], "learned"),
+    "[byol, mae] learned": (["byol", "mae"], "learned"),
 }
 
 
-def run_variant(name, overrides, seed, steps, pretrain_images, all_images, labels, work):
+def overrides_of(arm) -> list[str] | None:
+    if arm is None:
+        return None
+    objectives, weighting = arm
+    return [f"objectives=[{', '.join(objectives)}]", f"weighting={weighting}",
+            *[f"objectives.{name}.{setting}" for name in objectives for setting in HEADS[name]]]
+
+
+def run_variant(name, arm, seed, steps, pretrain_images, all_images, labels, work):
+    overrides = overrides_of(arm)
     config = load_config("tiny-cpu", [*BASE, f"train.steps={steps}", f"train.seed={seed}",
                                       *(overrides or [])])
     started = time.perf_counter()
@@ -62,7 +93,7 @@ def run_variant(name, overrides, seed, steps, pretrain_images, all_images, label
         batches = random_view_batches(pretrain_images, IMAGE_SIZE, config.train.global_batch_size,
                                       seed=seed, augment=config.data.augment,
                                       views=config.views())
-        run_dir = work / f"{name.replace(' ', '_').replace(',', '')}-{seed}"
+        run_dir = work / f"{''.join(c for c in name if c.isalnum())}-{seed}"
         model = train_in_process(config, batches, run_dir, log=lambda line: None)
         curves = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     model.eval()
@@ -75,17 +106,23 @@ def run_variant(name, overrides, seed, steps, pretrain_images, all_images, label
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| encoder | kNN top-1 | linear probe top-1 | 10-shot probe top-1 |",
-             "| --- | ---: | ---: | ---: |"]
+    lines = ["| encoder | kNN top-1 | linear probe top-1 | 10-shot probe top-1 | seconds a run |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     for name in VARIANTS:
         runs = [r for r in results if r["variant"] == name]
+        if not runs:
+            continue
         cells = []
         for key in ("knn", "linear_probe", "ten_shot"):
             values = [r[key] for r in runs]
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.3f} +- {spread:.3f}")
+        cells.append(f"{statistics.mean(r['seconds'] for r in runs):.0f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+LOSSES = ("contrastive", "mocov3", "byol", "simsiam", "dino", "masked")
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -95,22 +132,29 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     first = min(r["seed"] for r in results)
-    figure, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    figure, axes = plt.subplots(2, 4, figsize=(18, 7))
+    panels = dict(zip(LOSSES, axes.flat))
+    weights = axes.flat[len(LOSSES)]
     for result in results:
         if result["seed"] != first or not result["curves"]:
             continue
         steps = [c["step"] for c in result["curves"]]
-        for ax, key in ((axes[0], "loss_contrastive"), (axes[1], "loss_masked")):
+        for component, ax in panels.items():
+            key = f"loss_{component}"
             if key in result["curves"][0]:
                 ax.plot(steps, [c[key] for c in result["curves"]], label=result["variant"])
-        if result["variant"] == "hybrid, learned weights":
-            for key in ("weight_contrastive", "weight_masked"):
-                axes[2].plot(steps, [c[key] for c in result["curves"]], label=key)
-    for ax, title in zip(axes, ("contrastive loss (NT-Xent)", "masked loss (MSE, normalised "
-                                "pixels)", "learned loss weights (hybrid)")):
-        ax.set_title(title, fontsize=10)
+        if "learned" in result["variant"] and "[" in result["variant"]:
+            for key in result["curves"][0]:
+                if key.startswith("weight_"):
+                    weights.plot(steps, [c[key] for c in result["curves"]],
+                                 label=f"{result['variant']}: {key.removeprefix('weight_')}")
+    for component, ax in panels.items():
+        ax.set_title(f"loss_{component}", fontsize=10)
+    weights.set_title("learned loss weights (hybrids)", fontsize=10)
+    axes.flat[-1].axis("off")
+    for ax in axes.flat[:-1]:
         ax.set_xlabel("step")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -118,7 +162,9 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--arms", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="a subset of the arms (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="docs/ablation")
     args = parser.parse_args()
@@ -131,15 +177,15 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as work:
         for seed in args.seeds:
-            for name, overrides in VARIANTS.items():
-                result = run_variant(name, overrides, seed, args.steps, pretrain_images, images,
+            for name in args.arms:
+                result = run_variant(name, VARIANTS[name], seed, args.steps, pretrain_images, images,
                                      labels, Path(work))
-                print(f"seed {seed} {name:<24} kNN {result['knn']:.3f} probe "
+                print(f"seed {seed} {name:<22} kNN {result['knn']:.3f} probe "
                       f"{result['linear_probe']:.3f} 10-shot {result['ten_shot']:.3f} "
                       f"({result['seconds']:.0f} s)", flush=True)
                 results.append(result)
     (out / "results.json").write_text(json.dumps(
-        {"steps": args.steps, "seeds": args.seeds, "base_overrides": BASE,
+        {"steps": args.steps, "seeds": args.seeds, "base_overrides": BASE, "heads": HEADS,
          "runs": [{k: v for k, v in r.items() if k != "curves"} for r in results]}, indent=2))
     (out / "table.md").write_text(table(results))
     plot(results, out / "curves.png")

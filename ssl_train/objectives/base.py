@@ -53,6 +53,11 @@ class ObjectiveConfig(StrictSection):
         """The views the objective reads from each batch (the data stage cuts these)."""
         return []
 
+    def flops(self, model) -> dict:
+        """Forward FLOPs per image of each part of this objective's step (``Part``s by name, see
+        ``ssl_train.models.flops``); an objective that counts nothing leaves MFU low."""
+        return {}
+
     def check(self, config) -> None:
         """Cross-section checks against the whole ``PretrainConfig``; raise ``ValueError``
         naming the keys (``objectives.<name>.<field>``)."""

@@ -10,6 +10,7 @@ import torch
 from pipelines.views.augment import CropConfig, ViewSpec
 from ssl_train.losses import byol_loss
 from ssl_train.models.encoder import pooled_features
+from ssl_train.models.flops import Part, encoder_flops, mlp_flops
 from ssl_train.models.heads import ProjectionHead, ProjectorConfig
 from ssl_train.objectives import register
 from ssl_train.objectives.base import ObjectiveOutput
@@ -33,12 +34,24 @@ class BYOLConfig(TeacherConfig):
     predictor: ProjectorConfig = ProjectorConfig(hidden_dim=4096, out_dim=256)
     crop: CropConfig = CropConfig()
 
+    def flops(self, model) -> dict[str, Part]:
+        width, proj = model.encoder.embed_dim, self.projector
+        parts = {"encoder": Part(2 * encoder_flops(model)),
+                 "heads": Part(2 * (mlp_flops(width, proj) + mlp_flops(proj.out_dim,
+                                                                         self.predictor)))}
+        parts["teacher"] = Part(2 * (encoder_flops(model) + mlp_flops(width, proj)),
+                                backward=False)
+        return parts
+
     def views(self) -> list[ViewSpec]:
         return asymmetric_views(self.crop)
 
 
 @register
 class BYOL(TeacherObjective):
+    """The online encoder, projector and predictor against the EMA target's projection (MoCo v3
+    has the same structure with another loss, and subclasses this)."""
+
     config_class = BYOLConfig
     loss_names = ("byol",)
 
@@ -54,12 +67,16 @@ class BYOL(TeacherObjective):
     def project(self, features_nd: torch.Tensor) -> torch.Tensor:
         return self.projector(features_nd)
 
+    def symmetric_loss(self, p_1: torch.Tensor, p_2: torch.Tensor, target_1: torch.Tensor,
+                       target_2: torch.Tensor) -> torch.Tensor:
+        """Each view's prediction against the teacher's projection of the other view."""
+        return byol_loss(p_1, target_2) + byol_loss(p_2, target_1)
+
     def forward(self, encoder, views, inputs) -> ObjectiveOutput:
         both = torch.cat([views["view_1"], views["view_2"]], dim=0)
-        n = views["view_1"].shape[0]
         z = self.projector(pooled_features(encoder, both))
-        p = self.predictor(z)
         with torch.no_grad():
             target = self.teacher["projector"](pooled_features(self.teacher["encoder"], both))
-        loss = byol_loss(p[:n], target[n:]) + byol_loss(p[n:], target[:n])
-        return ObjectiveOutput({"byol": loss}, embeddings=z[:n].detach())
+        loss = self.symmetric_loss(*self.predictor(z).chunk(2), *target.chunk(2))
+        return ObjectiveOutput({self.loss_names[0]: loss},
+                               embeddings=z[:len(views["view_1"])].detach())

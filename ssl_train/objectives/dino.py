@@ -27,6 +27,7 @@ from pipelines.views.augment import CropConfig, ViewSpec
 from ssl_train.distributed.collectives import world_size
 from ssl_train.losses import dino_loss
 from ssl_train.models.encoder import pooled_features
+from ssl_train.models.flops import Part, encoder_flops
 from ssl_train.models.heads import DINOHead, DINOHeadConfig
 from ssl_train.objectives import register
 from ssl_train.objectives.base import ObjectiveOutput
@@ -71,6 +72,17 @@ class DINOConfig(TeacherConfig):
                             size=self.local_size)
                    for index in range(1, self.local_crops + 1)]
         return globals_ + locals_
+
+    def flops(self, model) -> dict[str, Part]:
+        head, width = self.head, model.encoder.embed_dim
+        dims = [width] + [head.hidden_dim] * (head.num_layers - 1) + [head.bottleneck_dim]
+        head_flops = (sum(2 * a * b for a, b in zip(dims, dims[1:]))
+                      + 2 * head.bottleneck_dim * head.out_dim)
+        crops = 2 + self.local_crops
+        student = 2 * encoder_flops(model) + self.local_crops * encoder_flops(
+            model, self.local_size or model.image_size)
+        return {"encoder": Part(student), "head": Part(crops * head_flops),
+                "teacher": Part(2 * (encoder_flops(model) + head_flops), backward=False)}
 
     def check(self, config) -> None:
         patch = config.model.encoder.patch_size

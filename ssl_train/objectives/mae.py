@@ -11,7 +11,8 @@ from pipelines.views.augment import CropConfig, ViewSpec
 from ssl_train.losses import masked_reconstruction_loss
 from ssl_train.models.decoder import DecoderConfig, MaskedDecoder
 from ssl_train.models.encoder import encode_visible
-from ssl_train.models.masking import mask_order, patchify
+from ssl_train.models.flops import Part, blocks_forward_flops
+from ssl_train.models.masking import mask_order, num_visible, patchify
 from ssl_train.objectives import register
 from ssl_train.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, StepContext
 
@@ -25,6 +26,18 @@ class MAEConfig(ObjectiveConfig):
 
     def views(self) -> list[ViewSpec]:
         return [ViewSpec(name="view_mae", crop=self.crop)]
+
+    def flops(self, model) -> dict[str, Part]:
+        enc, dec = model.encoder, self.decoder
+        patches, patch_pixels = model.num_patches, 3 * enc.patch_size**2
+        visible = num_visible(patches, self.mask_ratio) + 1
+        return {"patch_embed": Part(2 * patches * patch_pixels * enc.embed_dim),
+                "encoder_visible": Part(blocks_forward_flops(visible, enc.embed_dim, enc.depth,
+                                                             enc.mlp_ratio)),
+                "decoder": Part(2 * visible * enc.embed_dim * dec.embed_dim
+                                + blocks_forward_flops(patches + 1, dec.embed_dim, dec.depth,
+                                                       dec.mlp_ratio)
+                                + 2 * (patches + 1) * dec.embed_dim * patch_pixels)}
 
     def check(self, config) -> None:
         # The decoder exists to be thrown away; a decoder as large as the encoder would take over

@@ -10,6 +10,7 @@ from pydantic import Field
 from pipelines.views.augment import CropConfig, ViewSpec
 from ssl_train.losses import nt_xent_loss
 from ssl_train.models.encoder import pooled_features
+from ssl_train.models.flops import Part, encoder_flops, mlp_flops
 from ssl_train.models.heads import ProjectionHead, ProjectorConfig
 from ssl_train.objectives import register
 from ssl_train.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput
@@ -24,6 +25,11 @@ class SimCLRConfig(ObjectiveConfig):
     def views(self) -> list[ViewSpec]:
         return [ViewSpec(name=name, crop=self.crop, photometric=True)
                 for name in ("view_a", "view_b")]
+
+    def flops(self, model) -> dict[str, Part]:
+        width = model.encoder.embed_dim
+        return {"encoder": Part(2 * encoder_flops(model)),
+                "projector": Part(2 * mlp_flops(width, self.projector))}
 
     def check(self, config) -> None:
         if config.train.global_batch_size // config.optim.accumulation_steps < 2:

@@ -10,6 +10,7 @@ import torch
 from pipelines.views.augment import CropConfig, ViewSpec
 from ssl_train.losses import simsiam_loss
 from ssl_train.models.encoder import pooled_features
+from ssl_train.models.flops import Part, encoder_flops, mlp_flops
 from ssl_train.models.heads import ProjectionHead, ProjectorConfig
 from ssl_train.objectives import register
 from ssl_train.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput
@@ -23,6 +24,13 @@ class SimSiamConfig(ObjectiveConfig):
                                                  last_bn=True)
     predictor: ProjectorConfig = ProjectorConfig(hidden_dim=512, out_dim=2048)
     crop: CropConfig = CropConfig()
+
+    def flops(self, model) -> dict[str, Part]:
+        width, proj = model.encoder.embed_dim, self.projector
+        parts = {"encoder": Part(2 * encoder_flops(model)),
+                 "heads": Part(2 * (mlp_flops(width, proj) + mlp_flops(proj.out_dim,
+                                                                         self.predictor)))}
+        return parts
 
     def views(self) -> list[ViewSpec]:  # SimCLR's symmetric views (shared when both train)
         return [ViewSpec(name=name, crop=self.crop, photometric=True)

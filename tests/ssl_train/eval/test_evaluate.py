@@ -86,6 +86,29 @@ def test_export_loads_in_timm_with_the_checkpoints_outputs(checkpoint, tmp_path)
         load_exported(tmp_path / "encoder")
 
 
+def test_dinos_export_and_eval_take_its_teacher(tmp_path, photographs):
+    config = load_config("tiny-cpu", [*TINY_OVERRIDES, "objectives=[dino, mae]", "train.steps=3",
+                                      "objectives.dino.head.out_dim=64",
+                                      "objectives.dino.local_crops=1", "run.name=dino"])
+    batches = random_view_batches(photographs, config.model.image_size,
+                                  config.train.global_batch_size, seed=0, views=config.views())
+    model = train_in_process(config, batches, tmp_path / "dino", log=lambda line: None)
+    directory = tmp_path / "dino" / "checkpoint_000000003"
+    directory.mkdir()
+    save_checkpoint(directory, model, build_optimizer(model, config),
+                    {"step": 3, "config": config.model_dump(mode="json")})
+    tensors = load_file(export(str(directory), tmp_path / "encoder"))
+    teacher = model.objectives["dino"].teacher["encoder"].state_dict()
+    student = model.encoder.state_dict()
+    assert set(tensors) == set(teacher)
+    key = "blocks.0.attn.qkv.weight"  # moved by three EMA updates, not all the way
+    assert torch.equal(tensors[key], teacher[key]) and not torch.equal(tensors[key], student[key])
+    timm_model = load_exported(tmp_path / "encoder").eval()
+    images = torch.randn(2, 3, config.model.image_size, config.model.image_size)
+    with torch.no_grad():
+        assert torch.allclose(timm_model(images), model.eval().encode(images), atol=1e-5)
+
+
 def _class_folder(root: Path, classes: int = 3, per_class: int = 12) -> Path:
     images, labels = digits_images(32)
     for label in range(classes):

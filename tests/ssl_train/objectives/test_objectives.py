@@ -75,6 +75,10 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
         for name in OBJECTIVES:
             config = objective_config(name)
             results[name] = _first_steps(Trainer(config, "cpu", rank, world), config, rank, world)
+        for name in ("mocov3", "dino"):  # teachers under FSDP2's bf16 policy (on gloo)
+            config = objective_config(name, "parallel.mixed_precision=bf16")
+            results[f"{name}-bf16"] = _first_steps(Trainer(config, "cpu", rank, world), config,
+                                                   rank, world)
         if rank == 0:
             Path(out).write_text(json.dumps(results))
     finally:
@@ -96,6 +100,8 @@ def test_one_and_two_fsdp_workers_give_the_same_first_losses(tmp_path):
         assert two[name]["losses"] == pytest.approx(one["losses"], rel=1e-5, abs=1e-5), name
         if name == "dino":
             assert two[name]["center"] == pytest.approx(one["center"], rel=1e-5, abs=1e-7)
+    for name in ("mocov3", "dino"):  # bf16 compute: the same losses to bf16's precision
+        assert two[f"{name}-bf16"]["losses"] == pytest.approx(two[name]["losses"], rel=3e-2), name
 
 
 @pytest.mark.parametrize("name", OBJECTIVES)
