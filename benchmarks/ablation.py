@@ -10,8 +10,10 @@ SimCLR + MAE hybrid with fixed and with learned weights, and the hybrids [dino, 
 [byol, mae]. Heads are scaled to the small encoder (``HEADS``). Each encoder's frozen features
 (the teacher's for DINO, as DINO evaluates) are read out with kNN, a linear probe and a 10-shot
 probe (``ssl_train.eval.evaluate.evaluate_features``). Writes OUT/results.json (every run, with
-its wall time), OUT/table.md (mean and std over seeds) and OUT/curves.png (each objective's loss
-and the learned weights over training, first seed).
+its wall time), OUT/curves.json and OUT/curves.png (each objective's loss and the learned
+weights over training, first seed), and OUT/table.md (mean and std over seeds). Both JSON files
+are written after every run, and a new invocation with the same protocol keeps the runs they
+hold and runs only the missing (arm, seed) pairs: a long ablation can be run in parts.
 """
 
 from __future__ import annotations
@@ -125,39 +127,70 @@ def table(results: list[dict]) -> str:
 LOSSES = ("contrastive", "mocov3", "byol", "simsiam", "dino", "masked")
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], curves: dict[str, list[dict]], path: Path) -> None:
+    """Each objective's loss and the hybrids' learned weights over training (first seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first = min(r["seed"] for r in results)
     figure, axes = plt.subplots(2, 4, figsize=(18, 7))
     panels = dict(zip(LOSSES, axes.flat))
     weights = axes.flat[len(LOSSES)]
-    for result in results:
-        if result["seed"] != first or not result["curves"]:
+    for variant, records in curves.items():
+        if not records:
             continue
-        steps = [c["step"] for c in result["curves"]]
+        steps = [c["step"] for c in records]
         for component, ax in panels.items():
             key = f"loss_{component}"
-            if key in result["curves"][0]:
-                ax.plot(steps, [c[key] for c in result["curves"]], label=result["variant"])
-        if "learned" in result["variant"] and "[" in result["variant"]:
-            for key in result["curves"][0]:
+            if key in records[0]:
+                ax.plot(steps, [c[key] for c in records], label=variant)
+        if "learned" in variant and "[" in variant:
+            for key in records[0]:
                 if key.startswith("weight_"):
-                    weights.plot(steps, [c[key] for c in result["curves"]],
-                                 label=f"{result['variant']}: {key.removeprefix('weight_')}")
+                    weights.plot(steps, [c[key] for c in records],
+                                 label=f"{variant}: {key.removeprefix('weight_')}")
     for component, ax in panels.items():
         ax.set_title(f"loss_{component}", fontsize=10)
     weights.set_title("learned loss weights (hybrids)", fontsize=10)
     axes.flat[-1].axis("off")
     for ax in axes.flat[:-1]:
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def load_previous(out: Path, steps: int) -> tuple[list[dict], dict]:
+    """Runs (and first-seed curves) already in OUT from the same protocol: a long ablation is
+    resumable, each finished run is kept and not run again. Another protocol starts afresh."""
+    results_file, curves_file = out / "results.json", out / "curves.json"
+    if not results_file.exists():
+        return [], {}
+    previous = json.loads(results_file.read_text())
+    if (previous.get("steps"), previous.get("base_overrides"), previous.get("heads")) != (
+            steps, BASE, HEADS):
+        print(f"{results_file} is of another protocol: starting afresh", flush=True)
+        return [], {}
+    curves = json.loads(curves_file.read_text()) if curves_file.exists() else {}
+    return previous["runs"], curves
+
+
+def thinned(records: list[dict], every: int = 5) -> list[dict]:
+    """Every ``every``-th step's losses, weights and signals: what the curves show."""
+    keep = [r for r in records if r["step"] % every == 0 or r is records[-1]]
+    return [{k: float(f"{v:.5g}") for k, v in r.items()
+             if k == "step" or k.startswith(("loss", "weight_", "signal_"))} for r in keep]
+
+
+def save(out: Path, steps: int, results: list[dict], curves: dict) -> None:
+    seeds = sorted({r["seed"] for r in results})
+    (out / "results.json").write_text(json.dumps(
+        {"steps": steps, "seeds": seeds, "base_overrides": BASE, "heads": HEADS,
+         "runs": results}, indent=2))
+    (out / "curves.json").write_text(json.dumps(curves))
 
 
 def main() -> None:
@@ -174,21 +207,28 @@ def main() -> None:
     pretrain_images = [Image.fromarray(images[i]) for i in train]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
+    results, curves = load_previous(out, args.steps)
+    done = {(r["variant"], r["seed"]) for r in results}
+    if done:
+        print(f"{len(done)} runs already in {out}/results.json are kept", flush=True)
+    first_seed = min(args.seeds + [r["seed"] for r in results])
     with tempfile.TemporaryDirectory() as work:
         for seed in args.seeds:
             for name in args.arms:
-                result = run_variant(name, VARIANTS[name], seed, args.steps, pretrain_images, images,
-                                     labels, Path(work))
+                if (name, seed) in done:
+                    continue
+                result = run_variant(name, VARIANTS[name], seed, args.steps, pretrain_images,
+                                     images, labels, Path(work))
                 print(f"seed {seed} {name:<22} kNN {result['knn']:.3f} probe "
                       f"{result['linear_probe']:.3f} 10-shot {result['ten_shot']:.3f} "
                       f"({result['seconds']:.0f} s)", flush=True)
+                run_curves = result.pop("curves")
+                if seed == first_seed:
+                    curves[name] = thinned(run_curves)
                 results.append(result)
-    (out / "results.json").write_text(json.dumps(
-        {"steps": args.steps, "seeds": args.seeds, "base_overrides": BASE, "heads": HEADS,
-         "runs": [{k: v for k, v in r.items() if k != "curves"} for r in results]}, indent=2))
+                save(out, args.steps, results, curves)  # a killed ablation keeps what it ran
     (out / "table.md").write_text(table(results))
-    plot(results, out / "curves.png")
+    plot(results, curves, out / "curves.png")
     print(table(results))
 
 

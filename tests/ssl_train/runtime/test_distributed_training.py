@@ -49,6 +49,11 @@ def _s3(endpoint):
                              skip_instance_cache=True)
 
 
+BYOL_MAE = ["objectives=[byol, mae]", "objectives.byol.projector.hidden_dim=128",
+            "objectives.byol.projector.out_dim=64", "objectives.byol.predictor.hidden_dim=128",
+            "objectives.byol.predictor.out_dim=64"]
+
+
 def _adam_steps(local_dir, config) -> set[int]:
     model = SSLModel(config)
     optimizer = build_optimizer(model, config)
@@ -59,8 +64,11 @@ def _adam_steps(local_dir, config) -> set[int]:
 def test_checkpoints_in_s3_resume_past_a_partly_written_one_with_fewer_workers(
     tmp_path, s3_bucket, s3_env, ray_local
 ):
+    """Of the hybrid [byol, mae]: its EMA teacher is saved sharded over two workers and loaded
+    resharded onto one (strictly: every teacher tensor must be in the checkpoint)."""
     runs = f"{s3_bucket}/runs"
-    first = _config(runs, "train.steps=6", "train.checkpoint_every=3", "run.name=s3run")
+    first = _config(runs, *BYOL_MAE, "train.steps=6", "train.checkpoint_every=3",
+                    "run.name=s3run")
     train(first, log=lambda line: None)
     fs = _s3(s3_env)
     run_dir = f"{s3_bucket[5:]}/runs/s3run"
@@ -74,8 +82,8 @@ def test_checkpoints_in_s3_resume_past_a_partly_written_one_with_fewer_workers(
     fs.rm_file(f"{run_dir}/checkpoint_000000006/__1_0.distcp")
     assert not is_complete(f"s3://{run_dir}/checkpoint_000000006")
 
-    second = _config(runs, "train.steps=9", "train.checkpoint_every=3", "run.name=s3run",
-                     "train.num_workers=1")
+    second = _config(runs, *BYOL_MAE, "train.steps=9", "train.checkpoint_every=3",
+                     "run.name=s3run", "train.num_workers=1")
     train(second, log=lambda line: None)
 
     fs.get(f"{run_dir}/metrics.jsonl", str(tmp_path / "metrics.jsonl"))
