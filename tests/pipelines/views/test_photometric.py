@@ -103,3 +103,35 @@ def test_photometric_parameters_follow_the_configured_distribution():
     assert params[:, 6].mean() == pytest.approx(0.1, abs=0.02)
 
 
+
+
+def test_views_with_their_own_photometric_settings_get_them(photographs):
+    """BYOL's asymmetric views and DINO's small local crops, cut by the data stage: view 1
+    always blurred and never solarised, view 2 rarely blurred and sometimes solarised, the
+    local crop at its own size."""
+    from pipelines.views.augment import AugmentConfig, CropConfig, ViewSpec, make_views
+    from pipelines.views.quality import QualityConfig
+    from ssl_train.objectives.byol import asymmetric_views
+
+    views = [*asymmetric_views(CropConfig()),
+             ViewSpec(name="view_local_1", photometric=True, size=32,
+                      photometric_overrides={"blur_p": 0.5})]
+    augment = AugmentConfig(photometric_on="device")  # parameters travel with the views
+    buffer = io.BytesIO()
+    photographs[0].resize((128, 128)).save(buffer, format="PNG")
+    rng = np.random.default_rng(0)
+    rows = [make_views(buffer.getvalue(), rng, 64, augment, QualityConfig(min_side=16), views)
+            for _ in range(400)]
+    blurred = {name: np.mean([row[f"{name}_photometric"][5] > 0 for row in rows])
+               for name in ("view_1", "view_2", "view_local_1")}
+    solarised = {name: np.mean([row[f"{name}_photometric"][6] > 0 for row in rows])
+                 for name in ("view_1", "view_2")}
+    assert blurred["view_1"] == 1.0 and solarised["view_1"] == 0.0
+    assert blurred["view_2"] == pytest.approx(0.1, abs=0.05)
+    assert solarised["view_2"] == pytest.approx(0.2, abs=0.06)
+    assert blurred["view_local_1"] == pytest.approx(0.5, abs=0.08)
+    assert rows[0]["view_local_1"].shape == (32, 32, 3) and rows[0]["view_1"].shape == (64, 64, 3)
+    with pytest.raises(ValueError, match="unknown fields blur"):
+        ViewSpec(name="view_x", photometric=True, photometric_overrides={"blur": 1.0})
+    with pytest.raises(ValueError, match="need photometric: true"):
+        ViewSpec(name="view_x", photometric_overrides={"blur_p": 1.0})
