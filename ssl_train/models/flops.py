@@ -38,7 +38,8 @@ def encoder_flops(model, size: int | None = None) -> float:
     return embed + blocks_forward_flops(patches + 1, enc.embed_dim, enc.depth, enc.mlp_ratio)
 
 
-def mlp_flops(in_dim: int, head) -> float:
-    """One pass of a ``ProjectorConfig`` MLP."""
-    dims = [in_dim] + [head.hidden_dim] * (head.num_layers - 1) + [head.out_dim]
+def mlp_flops(in_dim: int, head, out_dim: int | None = None) -> float:
+    """One pass of an MLP config's layers (``hidden_dim``, ``num_layers``), to ``out_dim`` (the
+    config's own by default; DINO's head stops at its bottleneck)."""
+    dims = [in_dim] + [head.hidden_dim] * (head.num_layers - 1) + [out_dim or head.out_dim]
     return sum(2 * a * b for a, b in zip(dims, dims[1:]))

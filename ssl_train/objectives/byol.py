@@ -11,9 +11,10 @@ from pipelines.views.augment import CropConfig, ViewSpec
 from ssl_train.losses import byol_loss
 from ssl_train.models.encoder import pooled_features
 from ssl_train.models.flops import Part, encoder_flops, mlp_flops
-from ssl_train.models.heads import ProjectionHead, ProjectorConfig
+from ssl_train.models.heads import ProjectorConfig
 from ssl_train.objectives import register
 from ssl_train.objectives.base import ObjectiveOutput
+from ssl_train.objectives.predictor import PredictorHeads, PredictorHeadsConfig
 from ssl_train.objectives.teacher import TeacherConfig, TeacherObjective
 
 # BYOL's asymmetric augmentation (also MoCo v3's): one view always blurred and never solarised,
@@ -28,27 +29,25 @@ def asymmetric_views(crop: CropConfig) -> list[ViewSpec]:
             for index, overrides in enumerate(ASYMMETRIC, start=1)]
 
 
-class BYOLConfig(TeacherConfig):
+class BYOLConfig(PredictorHeadsConfig, TeacherConfig):
     name: Literal["byol"] = "byol"
     projector: ProjectorConfig = ProjectorConfig(hidden_dim=4096, out_dim=256)
     predictor: ProjectorConfig = ProjectorConfig(hidden_dim=4096, out_dim=256)
     crop: CropConfig = CropConfig()
 
     def flops(self, model) -> dict[str, Part]:
-        width, proj = model.encoder.embed_dim, self.projector
-        parts = {"encoder": Part(2 * encoder_flops(model)),
-                 "heads": Part(2 * (mlp_flops(width, proj) + mlp_flops(proj.out_dim,
-                                                                         self.predictor)))}
-        parts["teacher"] = Part(2 * (encoder_flops(model) + mlp_flops(width, proj)),
-                                backward=False)
-        return parts
+        teacher = encoder_flops(model) + mlp_flops(model.encoder.embed_dim, self.projector)
+        return {**self.online_flops(model), "teacher": Part(2 * teacher, backward=False)}
 
     def views(self) -> list[ViewSpec]:
         return asymmetric_views(self.crop)
 
+    def check(self, config) -> None:
+        self.check_predictor()
+
 
 @register
-class BYOL(TeacherObjective):
+class BYOL(PredictorHeads, TeacherObjective):
     """The online encoder, projector and predictor against the EMA target's projection (MoCo v3
     has the same structure with another loss, and subclasses this)."""
 
@@ -57,15 +56,10 @@ class BYOL(TeacherObjective):
 
     def __init__(self, config: BYOLConfig, run):
         super().__init__(config, run)
-        width = run.model.encoder.embed_dim
-        self.projector = ProjectionHead.from_config(width, config.projector)
-        self.predictor = ProjectionHead.from_config(config.projector.out_dim, config.predictor)
+        self.build_heads(run)
 
     def student_heads(self):
         return {"projector": self.projector}
-
-    def project(self, features_nd: torch.Tensor) -> torch.Tensor:
-        return self.projector(features_nd)
 
     def symmetric_loss(self, p_1: torch.Tensor, p_2: torch.Tensor, target_1: torch.Tensor,
                        target_2: torch.Tensor) -> torch.Tensor:

@@ -25,9 +25,9 @@ from pydantic import Field, model_validator
 
 from pipelines.views.augment import CropConfig, ViewSpec
 from ssl_train.distributed.collectives import world_size
-from ssl_train.losses import dino_loss
+from ssl_train.losses.dino import cross_entropy, student_log_probs, teacher_targets
 from ssl_train.models.encoder import pooled_features
-from ssl_train.models.flops import Part, encoder_flops
+from ssl_train.models.flops import Part, encoder_flops, mlp_flops
 from ssl_train.models.heads import DINOHead, DINOHeadConfig
 from ssl_train.objectives import register
 from ssl_train.objectives.base import ObjectiveOutput
@@ -74,9 +74,8 @@ class DINOConfig(TeacherConfig):
         return globals_ + locals_
 
     def flops(self, model) -> dict[str, Part]:
-        head, width = self.head, model.encoder.embed_dim
-        dims = [width] + [head.hidden_dim] * (head.num_layers - 1) + [head.bottleneck_dim]
-        head_flops = (sum(2 * a * b for a, b in zip(dims, dims[1:]))
+        head = self.head
+        head_flops = (mlp_flops(model.encoder.embed_dim, head, out_dim=head.bottleneck_dim)
                       + 2 * head.bottleneck_dim * head.out_dim)
         crops = 2 + self.local_crops
         student = 2 * encoder_flops(model) + self.local_crops * encoder_flops(
@@ -133,21 +132,22 @@ class DINO(TeacherObjective):
             locals_ = torch.cat([views[name] for name in self.local_views])
             student_features.append(pooled_features(encoder, locals_))
         bottleneck = self.head.bottleneck(torch.cat(student_features))
-        student = self.head.logits(bottleneck).chunk(2 + len(self.local_views))
+        config, temperature = self.config, self.teacher_temperature(self.step)
+        # Each crop's distribution once; the loss pairs every teacher (global) crop with every
+        # other student crop, as DINO does.
+        student = student_log_probs(self.head.logits(bottleneck), config.student_temperature)
+        student = student.chunk(2 + len(self.local_views))
         with torch.no_grad():
             teacher_logits = self.teacher["head"](pooled_features(self.teacher["encoder"],
                                                                   globals_))
-        teacher = teacher_logits.chunk(2)
-        config, temperature = self.config, self.teacher_temperature(self.step)
-        terms = [dino_loss(student[s], teacher[t], self.center, config.student_temperature,
-                           temperature)
-                 for t in range(2) for s in range(len(student)) if s != t]
-        loss = torch.stack(terms).mean()
-        with torch.no_grad():  # DINO's collapse signals (its section 5.3): each term is
-            # H(teacher) + KL(teacher || student); collapse to one prototype or to the uniform
-            # distribution both drive the KL to 0, telling them apart is the entropy's job
-            targets = torch.softmax((teacher_logits.float() - self.center) / temperature, dim=-1)
-            entropy = -(targets * torch.log(targets.clamp_min(1e-12))).sum(dim=-1).mean()
+            targets = teacher_targets(teacher_logits, self.center, temperature)
+        teacher = targets.chunk(2)
+        loss = torch.stack([cross_entropy(teacher[t], student[s])
+                            for t in range(2) for s in range(len(student)) if s != t]).mean()
+        # DINO's collapse signals (its section 5.3): each term is H(teacher) + KL(teacher ||
+        # student); collapse to one prototype or to the uniform distribution both drive the KL
+        # to 0, telling them apart is the entropy's job.
+        entropy = cross_entropy(targets, torch.log(targets.clamp_min(1e-12)))
         self.update_center(teacher_logits)
         return ObjectiveOutput({"dino": loss}, embeddings=bottleneck[:n].detach(),
                                signals={"dino_teacher_entropy": entropy,

@@ -30,6 +30,7 @@ class MoCoV3Config(BYOLConfig):
                                                  last_bn=True)
 
     def check(self, config) -> None:
+        super().check(config)
         if config.train.global_batch_size // config.optim.accumulation_steps < 2:
             raise ValueError("the mocov3 loss needs at least 2 images per micro-batch "
                              "(train.global_batch_size / optim.accumulation_steps)")

@@ -16,6 +16,11 @@ from ssl_train.objectives import register
 from ssl_train.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput
 
 
+def symmetric_views(crop: CropConfig) -> list[ViewSpec]:
+    """``view_a`` and ``view_b``: two crops with the run's photometric augmentation."""
+    return [ViewSpec(name=name, crop=crop, photometric=True) for name in ("view_a", "view_b")]
+
+
 class SimCLRConfig(ObjectiveConfig):
     name: Literal["simclr"] = "simclr"
     temperature: Annotated[float, Field(gt=0)] = 0.2
@@ -23,8 +28,7 @@ class SimCLRConfig(ObjectiveConfig):
     crop: CropConfig = CropConfig()  # of both views
 
     def views(self) -> list[ViewSpec]:
-        return [ViewSpec(name=name, crop=self.crop, photometric=True)
-                for name in ("view_a", "view_b")]
+        return symmetric_views(self.crop)
 
     def flops(self, model) -> dict[str, Part]:
         width = model.encoder.embed_dim

@@ -10,13 +10,15 @@ import torch
 from pipelines.views.augment import CropConfig, ViewSpec
 from ssl_train.losses import simsiam_loss
 from ssl_train.models.encoder import pooled_features
-from ssl_train.models.flops import Part, encoder_flops, mlp_flops
-from ssl_train.models.heads import ProjectionHead, ProjectorConfig
+from ssl_train.models.flops import Part
+from ssl_train.models.heads import ProjectorConfig
 from ssl_train.objectives import register
 from ssl_train.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput
+from ssl_train.objectives.predictor import PredictorHeads, PredictorHeadsConfig
+from ssl_train.objectives.simclr import symmetric_views
 
 
-class SimSiamConfig(ObjectiveConfig):
+class SimSiamConfig(PredictorHeadsConfig, ObjectiveConfig):
     name: Literal["simsiam"] = "simsiam"
     # SimSiam's projector: 3 layers with batch norm on every output (the last without affine);
     # its predictor: a 2-layer bottleneck.
@@ -26,36 +28,23 @@ class SimSiamConfig(ObjectiveConfig):
     crop: CropConfig = CropConfig()
 
     def flops(self, model) -> dict[str, Part]:
-        width, proj = model.encoder.embed_dim, self.projector
-        parts = {"encoder": Part(2 * encoder_flops(model)),
-                 "heads": Part(2 * (mlp_flops(width, proj) + mlp_flops(proj.out_dim,
-                                                                         self.predictor)))}
-        return parts
+        return self.online_flops(model)
 
     def views(self) -> list[ViewSpec]:  # SimCLR's symmetric views (shared when both train)
-        return [ViewSpec(name=name, crop=self.crop, photometric=True)
-                for name in ("view_a", "view_b")]
+        return symmetric_views(self.crop)
 
     def check(self, config) -> None:
-        if self.predictor.out_dim != self.projector.out_dim:
-            raise ValueError(f"objectives.simsiam.predictor.out_dim ({self.predictor.out_dim}) "
-                             f"must equal objectives.simsiam.projector.out_dim "
-                             f"({self.projector.out_dim}): the predictor regresses the projection")
+        self.check_predictor()
 
 
 @register
-class SimSiam(Objective):
+class SimSiam(PredictorHeads, Objective):
     config_class = SimSiamConfig
     loss_names = ("simsiam",)
 
     def __init__(self, config: SimSiamConfig, run):
         super().__init__(config, run)
-        width = run.model.encoder.embed_dim
-        self.projector = ProjectionHead.from_config(width, config.projector)
-        self.predictor = ProjectionHead.from_config(config.projector.out_dim, config.predictor)
-
-    def project(self, features_nd: torch.Tensor) -> torch.Tensor:
-        return self.projector(features_nd)
+        self.build_heads(run)
 
     def forward(self, encoder, views, inputs) -> ObjectiveOutput:
         n = views["view_a"].shape[0]
