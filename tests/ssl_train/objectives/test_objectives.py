@@ -141,3 +141,12 @@ def test_a_resumed_teacher_continues_exactly(name, tmp_path):
     resumed.scheduler.load_state_dict(first.scheduler.state_dict())
     after = [resumed.step(next(batches), step)["loss"] for step in (2, 3)]
     assert after == expected[2:], "the loss after resume differs from the uninterrupted run"
+
+
+@pytest.mark.parametrize("name", ["byol", "mocov3", "simsiam"])
+def test_a_predictor_that_cannot_regress_the_projection_is_a_config_error(name):
+    from ssl_train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"objectives.{name}.predictor.out_dim \\(32\\) must "
+                                          f"equal objectives.{name}.projector.out_dim"):
+        objective_config(name, f"objectives.{name}.predictor.out_dim=32")
