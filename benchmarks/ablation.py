@@ -6,8 +6,8 @@ Digits are upsampled to 32 px; half of each class (a fixed stratified split) is 
 pretraining set, the other half the held-out test set. For each seed, the same small ViT
 (patch 4, 128 wide, 4 deep) is trained in-process with the same budget of steps, batch and
 learning rate under each arm: none (random init), each of the six objectives alone, the
-SimCLR + MAE hybrid with fixed and with learned weights, and the hybrids [dino, mae] and
-[byol, mae]. Heads are scaled to the small encoder (``HEADS``). Each encoder's frozen features
+SimCLR + MAE hybrid with fixed and with learned weights, the hybrids [dino, mae] and
+[byol, mae], and DINO at its own learning rate. Heads are scaled to the small encoder (``HEADS``). Each encoder's frozen features
 (the teacher's for DINO, as DINO evaluates) are read out with kNN, a linear probe and a 10-shot
 probe (``ssl_train.eval.evaluate.evaluate_features``). Writes OUT/results.json (every run, with
 its wall time), OUT/curves.json and OUT/curves.png (each objective's loss and the learned
@@ -58,7 +58,10 @@ HEADS = {
              "global_crop.scale=[0.4, 1.0]", "local_crop.scale=[0.1, 0.4]", "local_crops=4",
              "local_size=16", "momentum=0.99"],
 }
-# arm -> (objectives, weighting); None: the random encoder.
+# The shared learning rate is the tiny config's (4e-3 per 256 images, 1e-3 at batch 64); DINO's
+# own is 5e-4 per 256 (1.25e-4 here), an arm of its own.
+DINO_OWN_LR = ["optim.base_lr=5e-4"]
+# arm -> (objectives, weighting[, further overrides]); None: the random encoder.
 VARIANTS = {
     "random init": None,
     "simclr": (["simclr"], "learned"),
@@ -66,6 +69,7 @@ VARIANTS = {
     "byol": (["byol"], "learned"),
     "simsiam": (["simsiam"], "learned"),
     "dino": (["dino"], "learned"),
+    "dino at its own lr": (["dino"], "learned", DINO_OWN_LR),
     "mae": (["mae"], "learned"),
     "[simclr, mae] fixed": (["simclr", "mae"], "fixed"),
     "[simclr, mae] learned": (["simclr", "mae"], "learned"),
@@ -77,9 +81,10 @@ VARIANTS = {
 def overrides_of(arm) -> list[str] | None:
     if arm is None:
         return None
-    objectives, weighting = arm
+    objectives, weighting, *further = arm
     return [f"objectives=[{', '.join(objectives)}]", f"weighting={weighting}",
-            *[f"objectives.{name}.{setting}" for name in objectives for setting in HEADS[name]]]
+            *[f"objectives.{name}.{setting}" for name in objectives for setting in HEADS[name]],
+            *(further[0] if further else [])]
 
 
 def run_variant(name, arm, seed, steps, pretrain_images, all_images, labels, work):

@@ -97,6 +97,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def close_process_group() -> None:
+    """End a spawned rank's process group. Modules and optimisers left in reference cycles can
+    hold gloo work whose tensors, freed at interpreter shutdown, abort the process ("terminate
+    called without an active exception", pytorch #179291): collect them while Python is alive."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    dist.destroy_process_group()
+
+
 # A model small enough for multi-worker runs in tests, on the tiny-cpu config.
 TINY_OVERRIDES = [
     "model.image_size=32", "model.encoder.depth=2", "model.encoder.embed_dim=96",

@@ -79,6 +79,10 @@ class SSLModel(nn.Module):
         for objective in self.objectives.values():
             objective.start_step(step)
 
+    def before_update(self) -> None:
+        for objective in self.objectives.values():
+            objective.before_update()
+
     def after_step(self, step: int) -> None:
         for objective in self.objectives.values():
             objective.after_step(step)

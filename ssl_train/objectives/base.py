@@ -142,6 +142,10 @@ class Objective(nn.Module):
         """Called before each step's forward with its 0-based index (also on resume)."""
         self.step = step
 
+    def before_update(self) -> None:
+        """Called after each step's backward (gradients reduced), before clipping and the
+        optimiser step: an objective may drop the gradients of parameters it freezes."""
+
     def after_step(self, step: int) -> None:
         """Called after every optimiser step (``step`` counts steps done)."""
 

@@ -9,6 +9,8 @@ the *other* global crops.
   ``teacher_warmup_fraction`` of the run; the student's is ``student_temperature``.
 - The center is an EMA (``center_momentum``) of the teacher's mean output over the global batch
   (all-reduced across workers), a buffer saved with the checkpoint.
+- The prototypes (the head's last layer) are frozen over the first
+  ``freeze_prototypes_fraction`` of the run, as DINO freezes its last layer for the first epoch.
 - The teacher is what ``export`` and ``eval`` take, as DINO evaluates it.
 - Signals: the teacher's entropy and the teacher-student KL (the loss is their sum). Early in a
   run centering flattens the teacher, so the entropy, and with it the loss, can rise while the
@@ -44,6 +46,9 @@ class DINOConfig(TeacherConfig):
     teacher_temperature: Temperature = 0.07
     warmup_teacher_temperature: Temperature = 0.04
     teacher_warmup_fraction: Annotated[float, Field(ge=0, le=1)] = 0.3
+    # DINO's freeze_last_layer: the prototypes take no update over the first part of the run
+    # (one epoch of DINO's hundred), which its authors found steadies the start.
+    freeze_prototypes_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01
     center_momentum: Momentum = 0.9
     global_crop: CropConfig = CropConfig(scale=(0.4, 1.0))
     local_crop: CropConfig = CropConfig(scale=(0.05, 0.4))
@@ -152,6 +157,12 @@ class DINO(TeacherObjective):
         return ObjectiveOutput({"dino": loss}, embeddings=bottleneck[:n].detach(),
                                signals={"dino_teacher_entropy": entropy,
                                         "dino_kl": loss.detach() - entropy})
+
+    def before_update(self) -> None:
+        # DINO's cancel_gradients_last_layer: no gradient, so the optimiser skips the
+        # prototypes (weight decay included) while they are frozen.
+        if self.step < int(self.config.freeze_prototypes_fraction * self.total_steps):
+            self.head.prototypes.grad = None
 
     @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor) -> None:

@@ -97,6 +97,7 @@ def train_step(
             embeddings.append(output.embeddings)
     if sharded:
         reshard(model)
+    model.before_update()  # frozen parameters drop their gradients
     max_norm = config.optim.grad_clip_norm or float("inf")
     weighting = {id(p) for p in model.weighting.parameters()}
     params = [p for p in model.parameters() if p.grad is not None and id(p) not in weighting]

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.conftest import TINY_OVERRIDES, free_port
+from tests.conftest import TINY_OVERRIDES, close_process_group, free_port
 
 WORLD = 2
 
@@ -115,7 +115,7 @@ def _rank_main(rank: int, port: int, out_path: str) -> None:
         }
         torch.save(results, f"{out_path}.{rank}")
     finally:
-        dist.destroy_process_group()
+        close_process_group()
 
 
 @pytest.fixture(scope="module")

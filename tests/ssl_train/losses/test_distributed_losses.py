@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 
 from ssl_train.losses import nt_xent_loss
 from ssl_train.models.heads import ProjectionHead
+from tests.conftest import close_process_group
 
 WORLD = 2
 N_PER_RANK = 4
@@ -60,7 +61,7 @@ def _rank_main(rank: int, port: int, out_path: str) -> None:
             f"{out_path}.{rank}",
         )
     finally:
-        dist.destroy_process_group()
+        close_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from ssl_train.monitors.health import embedding_std, healthy_embedding_std
 from ssl_train.train.checkpoint import load_checkpoint, save_checkpoint
 from ssl_train.train.loop import Trainer
 from ssl_train.train.step import normalize_views
-from tests.conftest import TINY_OVERRIDES, free_port
+from tests.conftest import TINY_OVERRIDES, close_process_group, free_port
 
 OBJECTIVES = ("mocov3", "byol", "simsiam", "dino")
 # Small heads, so that 50 steps of each objective take seconds on two cores.
@@ -36,6 +36,10 @@ SMALL_HEADS = [
 # DINO at its own learning rate (5e-4 per 256 images); at the tiny config's (8x more) the
 # student drifts towards the flat teacher within 50 steps.
 OWN_OPTIM = {"dino": ["optim.base_lr=5e-4"]}
+
+
+# DINO's prototypes frozen for the first of the two steps: both paths run under FSDP2.
+FROZEN_FIRST = {"dino": ["train.steps=4", "objectives.dino.freeze_prototypes_fraction=0.25"]}
 
 
 def objective_config(name: str, *extra: str):
@@ -73,16 +77,17 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
     try:
         results = {}
         for name in OBJECTIVES:
-            config = objective_config(name)
+            config = objective_config(name, *FROZEN_FIRST.get(name, []))
             results[name] = _first_steps(Trainer(config, "cpu", rank, world), config, rank, world)
         for name in ("mocov3", "dino"):  # teachers under FSDP2's bf16 policy (on gloo)
-            config = objective_config(name, "parallel.mixed_precision=bf16")
+            config = objective_config(name, "parallel.mixed_precision=bf16",
+                                      *FROZEN_FIRST.get(name, []))
             results[f"{name}-bf16"] = _first_steps(Trainer(config, "cpu", rank, world), config,
                                                    rank, world)
         if rank == 0:
             Path(out).write_text(json.dumps(results))
     finally:
-        dist.destroy_process_group()
+        close_process_group()
 
 
 def test_one_and_two_fsdp_workers_give_the_same_first_losses(tmp_path):
@@ -94,7 +99,7 @@ def test_one_and_two_fsdp_workers_give_the_same_first_losses(tmp_path):
                        start_method="spawn")
     two = json.loads(out.read_text())
     for name in OBJECTIVES:
-        config = objective_config(name)
+        config = objective_config(name, *FROZEN_FIRST.get(name, []))
         one = _first_steps(Trainer(config), config)
         # abs: SimSiam's loss is a cosine near 0; one Adam step apart, float rounding is ~3e-6
         assert two[name]["losses"] == pytest.approx(one["losses"], rel=1e-5, abs=1e-5), name
@@ -122,6 +127,20 @@ def test_fifty_steps_lower_the_loss_without_collapse(name):
     with torch.no_grad():
         embedded = model.embed(held[model.views()[0].name])
     assert embedding_std(embedded) > 0.5 * healthy_embedding_std(embedded.shape[1]), name
+
+
+def test_dinos_prototypes_take_no_update_while_frozen():
+    config = objective_config("dino", "train.steps=4", "objectives.dino.freeze_prototypes_fraction=0.5")
+    trainer, batches = Trainer(config), _batches(config)
+    head = trainer.model.objectives["dino"].head
+    snapshots = [(head.prototypes.detach().clone(), head.mlp[0].weight.detach().clone())]
+    for step in range(3):
+        trainer.step(next(batches), step)
+        snapshots.append((head.prototypes.detach().clone(), head.mlp[0].weight.detach().clone()))
+    (p0, m0), (p1, m1), (p2, m2), (p3, _) = snapshots
+    assert torch.equal(p0, p1) and torch.equal(p1, p2), "frozen prototypes moved (steps 0, 1)"
+    assert not torch.equal(m0, m1), "the rest of the head must train while the prototypes rest"
+    assert not torch.equal(p2, p3), "the prototypes must train after the frozen part (step 2)"
 
 
 @pytest.mark.parametrize("name", ["dino", "byol"])

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.conftest import TINY_OVERRIDES, free_port
+from tests.conftest import TINY_OVERRIDES, close_process_group, free_port
 
 PINNED = Path(__file__).with_name("pinned_losses.json")
 KEYS = ("loss", "loss_contrastive", "loss_masked", "weight_contrastive", "weight_masked",
@@ -50,7 +50,7 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
         if rank == 0:
             Path(out).write_text(json.dumps(steps))
     finally:
-        dist.destroy_process_group()
+        close_process_group()
 
 
 def losses(world: int, out: Path) -> list[dict]:
