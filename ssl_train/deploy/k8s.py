@@ -365,8 +365,18 @@ def _monitoring(k8s: K8sConfig) -> list[dict]:
     return monitors
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Writes an object used twice (the metrics port of every pod) in full each time: no
+    ``&id001`` anchors or ``*id001`` aliases, which people diffing manifests cannot read and some
+    GitOps linters refuse."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
 def _dump(documents: list[dict]) -> str:
-    return "---\n".join(yaml.safe_dump(d, sort_keys=False, width=100) for d in documents)
+    return "---\n".join(yaml.dump(d, Dumper=_PlainDumper, sort_keys=False, width=100)
+                         for d in documents)
 
 
 def load_params(path: str | None) -> K8sConfig:

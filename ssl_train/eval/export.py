@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 
 from pipelines.storage.access import StorageOptions
@@ -29,19 +30,45 @@ from ssl_train.train.step import IMAGENET_MEAN, IMAGENET_STD
 WEIGHTS = "model.safetensors"
 META = "config.json"
 
-# timm's names for the shapes of the packaged configs (others load through the same name with
-# their own model_args).
-_TIMM_NAMES = {(384, 12, 6): "vit_small_patch16_224", (768, 12, 12): "vit_base_patch16_224",
-               (1024, 24, 16): "vit_large_patch16_224"}
+# timm's ViT families by (width, heads). The exported name is the family's entry point for the
+# encoder's patch size where timm has one; ``model_args`` (depth, patch, image size, pooling)
+# override its defaults either way, and ``config.json`` says so when they differ from them.
+_FAMILIES = {(192, 3): "tiny", (384, 6): "small", (768, 12): "base", (1024, 16): "large",
+             (1280, 16): "huge"}
 
 
 def timm_architecture(model: ModelConfig) -> tuple[str, dict[str, Any]]:
     """(timm model name, keyword arguments) that build this encoder without a classifier."""
+    import timm
+
     enc = model.encoder
-    name = _TIMM_NAMES.get((enc.embed_dim, enc.depth, enc.num_heads), "vit_small_patch16_224")
+    family = _FAMILIES.get((enc.embed_dim, enc.num_heads), "base")
+    candidates = [f"vit_{family}_patch{enc.patch_size}_{model.image_size}",
+                  f"vit_{family}_patch{enc.patch_size}_224", f"vit_{family}_patch16_224"]
+    name = next(candidate for candidate in candidates if timm.is_model(candidate))
     return name, {"img_size": model.image_size, "patch_size": enc.patch_size,
                   "embed_dim": enc.embed_dim, "depth": enc.depth, "num_heads": enc.num_heads,
                   "mlp_ratio": enc.mlp_ratio, "global_pool": enc.pool, "num_classes": 0}
+
+
+def shape_note(name: str, model_args: dict[str, Any]) -> str:
+    """What a reader of config.json should know about the name: whether model_args change the
+    shape timm's entry point has by default."""
+    import timm
+
+    defaults = timm.models.get_pretrained_cfg(name)
+    with torch.device("meta"):  # the shape alone: no memory, no initialisation
+        with_defaults = timm.create_model(name, pretrained=False, num_classes=0)
+    default_args = {"img_size": defaults.input_size[-1], "patch_size":
+                    with_defaults.patch_embed.patch_size[0], "embed_dim": with_defaults.embed_dim,
+                    "depth": len(with_defaults.blocks),
+                    "num_heads": with_defaults.blocks[0].attn.num_heads}
+    differ = [f"{key} {model_args[key]} (not {value})" for key, value in default_args.items()
+              if model_args[key] != value]
+    if not differ:
+        return f"{name} as timm defines it"
+    return (f"{name} with model_args overriding its defaults: {', '.join(differ)}; "
+            f"model_args define the encoder")
 
 
 def export(checkpoint: str, out: str | Path, options: StorageOptions | None = None) -> Path:
@@ -56,6 +83,7 @@ def export(checkpoint: str, out: str | Path, options: StorageOptions | None = No
     save_file(weights, str(out / WEIGHTS), metadata={"format": "pt"})
     name, model_args = timm_architecture(config.model)
     meta = {"architecture": name, "model_args": model_args,
+            "shape": shape_note(name, model_args),
             "source": {"checkpoint": checkpoint, "step": int(state["step"]),
                        "run": config.run.name, "objectives": config.objective_names},
             "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},

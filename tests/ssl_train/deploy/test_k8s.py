@@ -62,6 +62,30 @@ def test_shipped_manifests_are_the_renderers_output(tmp_path):
             f"k8s/{name} is stale: run ssl-pretrain {shlex.join(RENDER_ARGS)}")
 
 
+def _anchors_and_aliases(text: str) -> list[str]:
+    found = []
+    for event in yaml.parse(text):
+        if isinstance(event, yaml.AliasEvent):
+            found.append(f"*{event.anchor}")
+        elif getattr(event, "anchor", None):
+            found.append(f"&{event.anchor}")
+    return found
+
+
+def test_no_manifest_holds_anchors_or_aliases():
+    """People read and diff the manifests, and some GitOps linters refuse aliases: every object
+    is written out in full, in the files and in the RayJob template the schedule embeds."""
+    texts = {name: (K8S / name).read_text() for name in MANIFESTS}
+    for name, text in list(texts.items()):
+        for doc in yaml.safe_load_all(text):
+            for key, value in (doc.get("data") or {}).items():
+                if key.endswith((".yaml", ".yml")):
+                    texts[f"{name}: {doc['metadata']['name']}/{key}"] = value
+    assert any(key.startswith("schedule.yaml: ") for key in texts), "the embedded template"
+    for name, text in texts.items():
+        assert _anchors_and_aliases(text) == [], name
+
+
 def test_every_manifest_parses_into_named_objects():
     kinds = [d["kind"] for d in documents()]
     for expected in ("ConfigMap", "RayJob", "RayCluster", "RayCronJob", "CronJob",
@@ -77,8 +101,11 @@ def _schemas_dir() -> Path:
     for candidate in candidates:
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
-    pytest.skip("the KubeRay v1.7.0 CRDs are not here (../shared/k8s-schemas, or set "
-                "SSL_K8S_SCHEMAS): the CRD validation needs them")
+    pytest.skip("KubeRay v1.7.0's CRDs are needed to validate the manifests: put "
+                "ray.io_rayjobs.yaml, ray.io_rayclusters.yaml and ray.io_raycronjobs.yaml from "
+                "the release (github.com/ray-project/kuberay, tag v1.7.0, "
+                "ray-operator/config/crd/bases/) in ../shared/k8s-schemas, or name their folder "
+                "in SSL_K8S_SCHEMAS")
 
 
 def _crd_schema(kind: str) -> dict:

@@ -25,6 +25,8 @@ from ssl_train.train.loop import train_in_process
 from ssl_train.train.optim import build_optimizer
 from tests.conftest import TINY_OVERRIDES
 
+ROOT = Path(__file__).resolve().parents[3]
+
 
 def clusters(classes: int, per_class: int, dim: int, spread: float, seed: int = 0):
     rng = np.random.default_rng(seed)
@@ -84,6 +86,66 @@ def test_export_loads_in_timm_with_the_checkpoints_outputs(checkpoint, tmp_path)
     save_file({**tensors, "projector.extra": torch.zeros(1)}, str(weights))
     with pytest.raises(RuntimeError, match="Unexpected key"):
         load_exported(tmp_path / "encoder")
+
+
+PACKAGED = sorted(path.stem for path in (ROOT / "ssl_train" / "configs").glob("*.yaml"))
+
+
+def docs_recipe(folder: Path) -> dict:
+    """Runs the loading recipe of docs/evaluation.md as written, on ``folder``."""
+    text = (ROOT / "docs" / "evaluation.md").read_text()
+    section = text[text.index("## `ssl-pretrain export"):]
+    code = section[section.index("```python") + len("```python"):section.index("```\n\n")]
+    namespace: dict = {}
+    exec(code.replace('"OUT/', f'"{folder}/'), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("name", PACKAGED)
+def test_the_export_names_timms_architecture_of_each_packaged_config(name):
+    """The name is timm's model of the same width and heads; model_args build exactly the
+    encoder's parameters (shapes compared on the meta device: ViT-L costs no memory)."""
+    import timm
+
+    from ssl_train.eval.export import shape_note, timm_architecture
+    from ssl_train.models.encoder import build_encoder
+
+    model = load_config(name).model
+    architecture, model_args = timm_architecture(model)
+    with torch.device("meta"):
+        family = timm.create_model(architecture, pretrained=False, num_classes=0)
+        recipe = timm.create_model(architecture, pretrained=False, **model_args)
+        ours = build_encoder(model)
+    assert (family.embed_dim, family.blocks[0].attn.num_heads) == (
+        model.encoder.embed_dim, model.encoder.num_heads), architecture
+    assert {k: v.shape for k, v in recipe.state_dict().items()} == {
+        k: v.shape for k, v in ours.state_dict().items()}
+    same = (len(family.blocks), family.patch_embed.patch_size[0]) == (
+        model.encoder.depth, model.encoder.patch_size) and model.image_size == 224
+    assert shape_note(architecture, model_args).endswith(
+        "as timm defines it" if same else "model_args define the encoder")
+
+
+def test_the_docs_recipe_loads_the_packaged_tiny_export(tmp_path):
+    """tiny-cpu as packaged (192 wide, 3 heads: timm's vit_tiny, patch 8, 6 deep), exported and
+    loaded with the documented recipe, gives the checkpoint's outputs."""
+    from ssl_train.models.ssl_model import SSLModel
+
+    config = load_config("tiny-cpu")
+    torch.manual_seed(0)
+    model = SSLModel(config)
+    directory = tmp_path / "checkpoint_000000000"
+    directory.mkdir()
+    save_checkpoint(directory, model, build_optimizer(model, config),
+                    {"step": 0, "config": config.model_dump(mode="json")})
+    export(str(directory), tmp_path / "OUT")
+    meta = json.loads((tmp_path / "OUT" / "config.json").read_text())
+    assert meta["architecture"] == "vit_tiny_patch16_224"
+    assert "patch_size 8 (not 16)" in meta["shape"] and "depth 6 (not 12)" in meta["shape"]
+    encoder = docs_recipe(tmp_path / "OUT")["encoder"].eval()
+    images = torch.randn(2, 3, config.model.image_size, config.model.image_size)
+    with torch.no_grad():
+        assert torch.allclose(encoder(images), model.eval().encode(images), atol=1e-5)
 
 
 def test_dinos_export_and_eval_take_its_teacher(tmp_path, photographs):
