@@ -24,6 +24,33 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
         local = {"num_cpus": num_cpus} if not address else {}
         if not address and metrics_port:
             local["_metrics_export_port"] = metrics_port
-        ray.init(address=address, logging_level=logging.WARNING, configure_logging=True,
-                 **local)
+        if not address:  # Ray's notice of its default, for a cluster this process owns
+            _quiet_token_notice()
+        context = ray.init(address=address, logging_level=logging.WARNING,
+                           configure_logging=True, **local)
+        if not address:
+            print(describe_local(context), flush=True)
     return ray
+
+
+def describe_local(context) -> str:
+    """One line on the local cluster this process started: where it is and what it serves."""
+    info = context.address_info
+    dashboard = f"http://{context.dashboard_url}" if context.dashboard_url else "off"
+    token = os.environ.get("RAY_AUTH_MODE", "token").lower() == "token"
+    return (f"local Ray cluster at {info['address']} (dashboard {dashboard}, metrics port "
+            f"{info.get('metrics_export_port')}, token authentication {'on' if token else 'off'};"
+            f" it stops with this command)")
+
+
+class _DropTokenNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
+def _quiet_token_notice() -> None:
+    """Ray enables token authentication for a local cluster and says so on every start, which
+    ``describe_local`` already states; its other authentication messages stay."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenNotice) for f in logger.filters):
+        logger.addFilter(_DropTokenNotice())

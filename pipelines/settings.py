@@ -9,5 +9,9 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 
+class ConfigError(ValueError):
+    """A configuration a user wrote cannot be used; the message says which key and why."""
+
+
 class StrictSection(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)

@@ -12,8 +12,12 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from pipelines.settings import ConfigError
 from pipelines.storage.access import StorageError
-from ssl_train.config import ConfigError, dump_config, load_config, packaged_config_names
+from ssl_train import packaged_config_names
+
+# The config, the model and Ray load in the commands that need them: ``energy-report`` and
+# ``--help`` stay light (about 50 MB, not the 950 MB of torch, timm and Ray).
 
 EXIT_USAGE = 2
 
@@ -40,6 +44,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ssl_train.config import dump_config, load_config
+
     config = load_config(args.config, args.overrides)
     if args.print_config:
         print(dump_config(config), end="")
@@ -52,6 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_k8s_render(args: argparse.Namespace) -> int:
+    from ssl_train.config import load_config
     from ssl_train.deploy.k8s import RenderError, load_params, render, write
 
     config = load_config(args.config, args.overrides)

@@ -48,6 +48,10 @@ def test_train_runs_on_the_sample_photographs_and_writes_a_run_directory(tmp_pat
     # The first progress line says what the figures were computed in; FSDP has nothing to say.
     assert "2 x cpu: fp32 parameters and compute, fp32 gradient reduction" in result.stdout
     assert "FSDP2" not in result.stdout + result.stderr
+    # The local cluster the command starts is described once; Ray's own notice is not repeated.
+    assert result.stdout.count("local Ray cluster at ") == 1
+    assert "dashboard http://" in result.stdout and "token authentication on" in result.stdout
+    assert "Token authentication is enabled" not in result.stdout + result.stderr
     assert f"run directory: {tmp_path}/smoke" in result.stdout
     records = [json.loads(line) for line in
                (tmp_path / "smoke" / "metrics.jsonl").read_text().splitlines()]

@@ -21,22 +21,17 @@ from pydantic import (
     model_validator,
 )
 
-from pipelines.settings import StrictSection
+from pipelines.settings import ConfigError, StrictSection
 from pipelines.storage.access import CREDENTIALS_IN_URL, StorageUrl, is_remote
 from pipelines.stream.stage import DataConfig
 from pipelines.views.augment import ViewSpec, merge_views
+from ssl_train import PACKAGED_CONFIG_DIR, packaged_config_names  # noqa: F401 (re-exported)
 from ssl_train.models.decoder import check_heads_divide_width
 from ssl_train.objectives import ObjectiveConfig, objective_class, objective_names
-
-PACKAGED_CONFIG_DIR = Path(__file__).parents[1] / "configs"
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
-
-
-class ConfigError(ValueError):
-    """A configuration a user wrote cannot be used; the message says which key and why."""
 
 
 class EncoderConfig(StrictSection):
@@ -175,14 +170,28 @@ class EnergyConfig(StrictSection):
     grid_intensity: GridIntensityConfig | None = None
     pue: PueConfig = PueConfig()
     interval_seconds: Annotated[float, Field(ge=0.05, le=300)] = 1.0
-    # Ledgers in object storage are uploaded whole this often (local ones are appended to).
-    upload_every_seconds: Annotated[float, Field(ge=1)] = 60.0
+    # The ledger holds one line per this many seconds of samples (their sums): a week on 64
+    # nodes stays about a gigabyte (docs/energy.md).
+    record_every_seconds: Annotated[float, Field(ge=0.05)] = 60.0
+    # The ledger is written in parts of this many seconds, each made durable once when it
+    # closes (uploaded to an object store; local ones are appended to as they go).
+    upload_every_seconds: Annotated[float, Field(ge=1)] = 300.0
     # After this many steps the run's total energy and CO2e are projected and printed.
     projection_after_steps: PositiveInt = 20
     # Where RAPL counters are (a container may see the host's under another path).
     powercap_root: Annotated[str, Field(min_length=1)] = "/sys/class/powercap"
     # Per package, for the CPU estimate when RAPL is unreadable (default: CodeCarbon's table).
     cpu_tdp_watts: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _ledger_cadence(self) -> "EnergyConfig":
+        if not self.interval_seconds <= self.record_every_seconds <= self.upload_every_seconds:
+            raise ValueError(
+                f"energy.interval_seconds ({self.interval_seconds:g}) <= "
+                f"energy.record_every_seconds ({self.record_every_seconds:g}) <= "
+                f"energy.upload_every_seconds ({self.upload_every_seconds:g}) must hold: each "
+                f"ledger line sums samples, each part holds lines")
+        return self
 
     @model_validator(mode="after")
     def _known_region(self) -> "EnergyConfig":
@@ -314,11 +323,6 @@ class PretrainConfig(StrictSection):
     @property
     def learning_rate(self) -> float:
         return self.optim.base_lr * self.train.global_batch_size / 256
-
-
-def packaged_config_names() -> list[str]:
-    """Names accepted by ``--config NAME``."""
-    return sorted(p.stem for p in PACKAGED_CONFIG_DIR.glob("*.yaml"))
 
 
 def resolve_config_path(name_or_path: str) -> Path:

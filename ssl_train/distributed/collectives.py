@@ -55,6 +55,17 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def gather_rows_to_first(x: torch.Tensor) -> torch.Tensor | None:
+    """Every rank's rows of ``x`` (equal shapes) concatenated in rank order, on rank 0 only;
+    None on the others (no gradient)."""
+    if world_size() == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(world_size())] if dist.get_rank() == 0 else None
+    dist.gather(x, parts, dst=0)
+    return torch.cat(parts) if parts is not None else None
+
+
 def average_over_ranks(record: dict[str, float]) -> dict[str, float]:
     """Metric values averaged over ranks (the global value for means over equal batches)."""
     if world_size() == 1:

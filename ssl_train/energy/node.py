@@ -48,7 +48,8 @@ class EnergySettings:
     grid: dict  # {g_per_kwh, source, year, region}
     pue: dict  # {value, source, year}
     interval_seconds: float = 1.0
-    upload_every_seconds: float = 60.0
+    record_every_seconds: float = 60.0
+    upload_every_seconds: float = 300.0
     powercap_root: str = "/sys/class/powercap"
     cpu_tdp_watts: float | None = None
     images_per_step: int = 0  # the global batch: the report's functional unit per step
@@ -85,9 +86,11 @@ class NodeEnergy:
         self.lock = threading.Lock()
         started = time.time()
         session = datetime.fromtimestamp(started, timezone.utc).strftime("%Y%m%dT%H%M%S")
-        name = f"{LEDGER_DIR}/ledger-{node[:12]}-{session}-{uuid.uuid4().hex[:6]}.jsonl"
-        self.ledger = RunFile(settings.run_uri, name, StorageOptions(**settings.storage))
-        self.last_upload = started
+        self.ledger = LedgerParts(settings.run_uri,
+                                  f"{LEDGER_DIR}/ledger-{node[:12]}-{session}-{uuid.uuid4().hex[:6]}",
+                                  StorageOptions(**settings.storage), settings.upload_every_seconds,
+                                  started)
+        self.pending: dict | None = None  # samples not yet written, summed into one record
         self.ledger.append({
             "type": "meter", "run": settings.run, "node": node, "hostname": socket.gethostname(),
             "started": utc(started), "interval_seconds": settings.interval_seconds,
@@ -101,7 +104,6 @@ class NodeEnergy:
             "grid_intensity": settings.grid, "pue": settings.pue,
             "images_per_step": settings.images_per_step,
         })
-        self.ledger.sync()
         self.t0 = started
 
     def register(self, pid: int, stage: str, gpu_uuids: list[str] = ()) -> None:
@@ -156,13 +158,18 @@ class NodeEnergy:
                         self.exporter.record(stage, reading.device, reading.component,
                                              reading.source, joules)
             record = {"type": "interval", "node": self.node, "t0": self.t0, "t1": t1,
-                      "cpu_seconds": cpu, "entries": entries}
-            self.ledger.append(record)
+                      "cpu_seconds": cpu, "entries": entries, "samples": 1}
             self.t0 = t1
-            if self.ledger.remote and t1 - self.last_upload >= self.settings.upload_every_seconds:
-                self.ledger.sync()
-                self.last_upload = t1
+            self.pending = record if self.pending is None else summed(self.pending, record)
+            if t1 - self.pending["t0"] >= self.settings.record_every_seconds:
+                self._write_pending()
+            self.ledger.roll_if_due(t1)
             return record
+
+    def _write_pending(self) -> None:
+        if self.pending is not None:
+            self.ledger.append(self.pending)
+            self.pending = None
 
     def total_joules(self) -> float:
         """Energy of this node so far, all stages and devices, after a fresh sample."""
@@ -173,8 +180,56 @@ class NodeEnergy:
     def stop(self) -> None:
         self.sample()
         with self.lock:
+            self._write_pending()
             self.ledger.append({"type": "stopped", "node": self.node, "time": utc(time.time())})
             self.ledger.close()
+
+
+def summed(first: dict, second: dict) -> dict:
+    """Two consecutive interval records of one meter as one: joules, stage shares and CPU
+    seconds add up, the window spans both."""
+    entries = []
+    for a, b in zip(first["entries"], second["entries"], strict=True):
+        stages = {stage: a["stages"].get(stage, 0.0) + b["stages"].get(stage, 0.0)
+                  for stage in {**a["stages"], **b["stages"]}}
+        entries.append({**a, "joules": a["joules"] + b["joules"], "stages": stages})
+    cpu = {stage: first["cpu_seconds"].get(stage, 0.0) + second["cpu_seconds"].get(stage, 0.0)
+           for stage in {**first["cpu_seconds"], **second["cpu_seconds"]}}
+    return {**first, "t1": second["t1"], "cpu_seconds": cpu, "entries": entries,
+            "samples": first["samples"] + second["samples"]}
+
+
+class LedgerParts:
+    """One meter session's ledger as rolling parts, ``FOLDER/part-NNNNN.jsonl``: the open part
+    is appended to (and flushed) locally; every ``roll_seconds`` and at the end it is closed,
+    made durable once (uploaded to an object store, fsynced locally) and never written again.
+    Upload volume stays linear in the run's length, and a crash loses at most the open part's
+    lines in an object store (none locally)."""
+
+    def __init__(self, run_uri: str, folder: str, options: StorageOptions, roll_seconds: float,
+                 now: float):
+        self.run_uri, self.folder, self.options = run_uri, folder, options
+        self.roll_seconds = roll_seconds
+        self.index = 0
+        self.opened = now
+        self.part = self._open()
+
+    def _open(self) -> RunFile:
+        return RunFile(self.run_uri, f"{self.folder}/part-{self.index:05d}.jsonl", self.options,
+                       fresh=True)
+
+    def append(self, record: dict) -> None:
+        self.part.append(record)
+
+    def roll_if_due(self, now: float) -> None:
+        if now - self.opened >= self.roll_seconds:
+            self.part.close()
+            self.index += 1
+            self.opened = now
+            self.part = self._open()
+
+    def close(self) -> None:
+        self.part.close()
 
 
 class EnergyExporter:

@@ -1,8 +1,8 @@
 """``ssl-pretrain energy-report RUN_DIR``: the run's energy and carbon, from its ledger alone.
 
-Reads every ledger file under RUN_DIR/energy (one per node meter session; a line cut by a crash
-is skipped and counted) and the run's ``metrics.jsonl`` (steps trained, the projection), and
-writes ``energy_report.json``, ``energy_report.md`` and ``energy_report.png`` (power over time
+Streams over every part of every ledger under RUN_DIR/energy (one folder per node meter session;
+a line cut by a crash is skipped and counted) and the run's ``metrics.jsonl`` (steps trained, the
+projection), holding sums and 32 bytes of chart per ledger line rather than the text, and writes ``energy_report.json``, ``energy_report.md`` and ``energy_report.png`` (power over time
 by stage, one panel per node). Field names follow the Green Software Foundation's SCI terms:
 E (energy, kWh, facility overhead included through PUE), I (grid intensity, gCO2e/kWh),
 O = E x I (operational emissions), M (embodied emissions: not assessed), R (functional unit:
@@ -14,8 +14,11 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-from collections import defaultdict
-from collections.abc import Callable
+from array import array
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from pipelines.storage.access import StorageError, StorageOptions, open_filesystem, storage_call
 from ssl_train.energy.carbon import JOULES_PER_KWH, co2e_grams
@@ -47,102 +50,168 @@ class LedgerError(StorageError):
     """RUN_DIR has no energy ledger to report on."""
 
 
-def read_ledger(run_uri: str, options: StorageOptions | None = None) -> dict:
-    """{sessions: [{meter, intervals, stopped}], cut_lines, metrics: [records]}."""
-    fs, root = open_filesystem(run_uri, options)
-    pattern = posixpath.join(root, LEDGER_DIR, "ledger-*.jsonl")
-    files = sorted(storage_call(run_uri, options, fs.glob, pattern))
-    if not files:
-        raise LedgerError(f"no energy ledger under {run_uri.rstrip('/')}/{LEDGER_DIR}: was the run "
-                          "trained with energy.enabled?")
-    def records(path: str) -> tuple[list[dict], int]:
-        """The JSON lines of ``path``, and how many lines a crash cut (skipped)."""
-        parsed, cut = [], 0
-        for line in storage_call(run_uri, options, fs.cat_file, path).decode().splitlines():
-            try:
-                parsed.append(json.loads(line))
-            except ValueError:
-                cut += 1
-        return parsed, cut
-
-    sessions, cut = [], 0
-    for path in files:
-        session = {"file": posixpath.basename(path), "meter": None, "intervals": [],
-                   "stopped": None}
-        lines, cut_here = records(path)
-        cut += cut_here
-        for record in lines:
-            kind = record.get("type")
-            if kind == "meter":
-                session["meter"] = record
-            elif kind == "interval":
-                session["intervals"].append(record)
-            elif kind == "stopped":
-                session["stopped"] = record["time"]
-        if session["meter"] is not None:
-            sessions.append(session)
-    metrics_path = posixpath.join(root, "metrics.jsonl")
-    metrics = (records(metrics_path)[0]
-               if storage_call(run_uri, options, fs.exists, metrics_path) else [])
-    return {"sessions": sessions, "cut_lines": cut, "metrics": metrics}
+PART_READERS = 16  # parts read at once from the run directory (object-store latency overlaps)
 
 
-def build_report(ledger: dict) -> dict:
-    """The report's content from a ledger (``read_ledger``)."""
-    sessions = ledger["sessions"]
-    by_stage: dict[str, float] = dict.fromkeys(STAGES, 0.0)
-    by_node: dict[str, float] = defaultdict(float)
-    by_device: dict[tuple, dict] = {}
-    gpu_seconds = 0.0
-    starts, ends, nodes = [], [], {}
-    for session in sessions:
-        meter = session["meter"]
-        node = meter["node"]
-        nodes.setdefault(node, {"node": node, "hostname": meter["hostname"],
-                                **meter["inventory"], "meters": meter["meters"],
-                                "sessions": 0})
-        nodes[node]["sessions"] += 1
-        for interval in session["intervals"]:
-            starts.append(interval["t0"])
-            ends.append(interval["t1"])
-            for entry in interval["entries"]:
-                key = (node, entry["device"], entry["component"], entry["source"])
-                row = by_device.setdefault(key, {
+def _bounded_map(fn, items: list, workers: int = PART_READERS) -> Iterator:
+    """``fn`` over ``items`` in threads, results in order, at most ``2 * workers`` held at once:
+    memory stays bounded however many parts a ledger has."""
+    with ThreadPoolExecutor(workers) as pool:
+        window: deque = deque()
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) >= 2 * workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+@dataclass
+class _Series:
+    """One node's power over time, one point per ledger line (compact arrays)."""
+
+    times: array = field(default_factory=lambda: array("d"))
+    watts: dict = field(default_factory=lambda: {stage: array("d") for stage in STAGES})
+
+
+@dataclass
+class LedgerScan:
+    """Everything the report needs from a run's ledger, folded line by line: its memory grows
+    with the number of nodes, devices and lines (a few numbers each), not with their text."""
+
+    sessions: list[dict] = field(default_factory=list)  # folder, meter header, stopped, lines
+    cut_lines: int = 0
+    parts: int = 0
+    by_stage: dict = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    by_node: dict = field(default_factory=lambda: defaultdict(float))
+    by_device: dict = field(default_factory=dict)
+    gpu_seconds: float = 0.0
+    start: float | None = None
+    end: float | None = None
+    series: dict = field(default_factory=lambda: defaultdict(_Series))
+    steps: int = 0
+    projection: dict | None = None
+
+    def add(self, session: dict, record: dict) -> None:
+        kind = record.get("type")
+        if kind == "meter":
+            session["meter"] = record
+        elif kind == "stopped":
+            session["stopped"] = record["time"]
+        elif kind == "interval" and session["meter"] is not None:
+            self._interval(session["meter"], record)
+            session["lines"] += 1
+
+    def _interval(self, meter: dict, interval: dict) -> None:
+        node, t0, t1 = meter["node"], interval["t0"], interval["t1"]
+        self.start = t0 if self.start is None else min(self.start, t0)
+        self.end = t1 if self.end is None else max(self.end, t1)
+        watts = dict.fromkeys(STAGES, 0.0)
+        for entry in interval["entries"]:
+            key = (node, entry["device"], entry["component"], entry["source"])
+            row = self.by_device.get(key)
+            if row is None:
+                row = self.by_device[key] = {
                     "node": node, "device": entry["device"], "component": entry["component"],
                     "source": entry["source"], "interval_seconds": meter["interval_seconds"],
-                    "joules": 0.0, "stages": dict.fromkeys(STAGES, 0.0)})
-                row["joules"] += entry["joules"]
-                by_node[node] += entry["joules"]
-                for stage, joules in entry["stages"].items():
-                    row["stages"][stage] += joules
-                    by_stage[stage] += joules
-                if entry["component"] == "gpu":
-                    gpu_seconds += interval["t1"] - interval["t0"]
+                    "joules": 0.0, "stages": dict.fromkeys(STAGES, 0.0)}
+            row["joules"] += entry["joules"]
+            self.by_node[node] += entry["joules"]
+            for stage, joules in entry["stages"].items():
+                row["stages"][stage] += joules
+                self.by_stage[stage] += joules
+                watts[stage] += joules
+            if entry["component"] == "gpu":
+                self.gpu_seconds += t1 - t0
+        series = self.series[node]
+        series.times.append((t0 + t1) / 2)
+        for stage in STAGES:
+            series.watts[stage].append(watts[stage] / max(t1 - t0, 1e-9))
+
+
+def _lines(data: bytes) -> tuple[list[dict], int]:
+    """The JSON lines of a file's bytes, and how many a crash cut (skipped)."""
+    parsed, cut = [], 0
+    for line in data.decode().splitlines():
+        try:
+            parsed.append(json.loads(line))
+        except ValueError:
+            cut += 1
+    return parsed, cut
+
+
+def read_ledger(run_uri: str, options: StorageOptions | None = None) -> LedgerScan:
+    """Folds every part of every meter session under RUN_DIR/energy, and the run's
+    ``metrics.jsonl`` (steps trained, the projection), into a ``LedgerScan``, streaming: parts
+    are read a few at a time and dropped once counted."""
+    fs, root = open_filesystem(run_uri, options)
+    pattern = posixpath.join(root, LEDGER_DIR, "ledger-*", "part-*.jsonl")
+    parts = sorted(storage_call(run_uri, options, fs.glob, pattern))
+    if not parts:
+        raise LedgerError(f"no energy ledger under {run_uri.rstrip('/')}/{LEDGER_DIR}: was the run "
+                          "trained with energy.enabled?")
+    scan, sessions = LedgerScan(parts=len(parts)), {}
+    read = lambda path: _lines(storage_call(run_uri, options, fs.cat_file, path))  # noqa: E731
+    for path, (records, cut) in zip(parts, _bounded_map(read, parts)):
+        folder = posixpath.basename(posixpath.dirname(path))
+        session = sessions.setdefault(folder, {"folder": folder, "meter": None, "stopped": None,
+                                               "lines": 0})
+        scan.cut_lines += cut
+        for record in records:  # parts sort in order: a session's header comes first
+            scan.add(session, record)
+    scan.sessions = [s for s in sessions.values() if s["meter"] is not None]
+    metrics_path = posixpath.join(root, "metrics.jsonl")
+    if storage_call(run_uri, options, fs.exists, metrics_path):
+        with storage_call(run_uri, options, fs.open, metrics_path, "rb") as stream:
+            for line in stream:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if "loss" in record:
+                    scan.steps = max(scan.steps, int(record["step"]))
+                elif record.get("event") == "energy_projection":
+                    scan.projection = record
+    return scan
+
+
+def build_report(scan: LedgerScan) -> dict:
+    """The report's content from a ledger (``read_ledger``)."""
+    sessions = scan.sessions
+    nodes = {}
+    for session in sessions:
+        meter = session["meter"]
+        nodes.setdefault(meter["node"], {"node": meter["node"], "hostname": meter["hostname"],
+                                         **meter["inventory"], "meters": meter["meters"],
+                                         "sessions": 0})
+        nodes[meter["node"]]["sessions"] += 1
     latest = max(sessions, key=lambda s: s["meter"]["started"])["meter"]
     grid, pue = latest["grid_intensity"], latest["pue"]
-    it_joules = sum(by_node.values())
+    by_stage, by_device = scan.by_stage, scan.by_device
+    it_joules = sum(scan.by_node.values())
     facility_joules = it_joules * pue["value"]
-    steps = max((r["step"] for r in ledger["metrics"] if "loss" in r), default=0)
+    steps = scan.steps
     images_per_step = latest.get("images_per_step", 0)
     images = steps * images_per_step
     operational = co2e_grams(it_joules, grid["g_per_kwh"], pue["value"])
     sources = sorted({row["source"] for row in by_device.values()})
-    projections = [r for r in ledger["metrics"] if r.get("event") == "energy_projection"]
     return {
         "run": latest["run"],
-        "start_utc": utc(min(starts)) if starts else None,
-        "end_utc": utc(max(ends)) if ends else None,
-        "duration_seconds": (max(ends) - min(starts)) if starts else 0.0,
+        "start_utc": utc(scan.start) if scan.start is not None else None,
+        "end_utc": utc(scan.end) if scan.end is not None else None,
+        "duration_seconds": (scan.end - scan.start) if scan.start is not None else 0.0,
         "complete": all(s["stopped"] for s in sessions),
         "meter_sessions": len(sessions),
-        "ledger_lines_cut": ledger["cut_lines"],
+        "ledger_parts": scan.parts,
+        "ledger_lines": sum(s["lines"] for s in sessions),
+        "ledger_lines_cut": scan.cut_lines,
         "hardware": sorted(nodes.values(), key=lambda n: n["hostname"]),
-        "accelerator_hours": gpu_seconds / 3600,
+        "accelerator_hours": scan.gpu_seconds / 3600,
         "energy_joules": {
             "total_it": it_joules,
             "by_stage": by_stage,
             "idle": by_stage["idle"],
-            "by_node": dict(by_node),
+            "by_node": dict(scan.by_node),
             "by_device": sorted(by_device.values(),
                                 key=lambda r: (r["node"], r["component"], r["device"])),
         },
@@ -153,7 +222,7 @@ def build_report(ledger: dict) -> dict:
         "images": images,
         "energy_per_step_joules": facility_joules / steps if steps else None,
         "energy_per_image_joules": facility_joules / images if images else None,
-        "projection": projections[-1] if projections else None,
+        "projection": scan.projection,
         "sci": {
             "functional_unit": "one training image",
             "E_kwh": facility_joules / JOULES_PER_KWH,
@@ -232,28 +301,31 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_chart(ledger: dict) -> bytes:
-    """PNG: power over time by stage, one panel per node."""
+def render_chart(scan: LedgerScan, max_points: int = 2000) -> bytes:
+    """PNG: power over time by stage, one panel per node (at most ``max_points`` per node:
+    a week of minute lines is averaged into bins)."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_node: dict[str, list] = defaultdict(list)
-    hostnames = {}
-    for session in ledger["sessions"]:
-        by_node[session["meter"]["node"]].extend(session["intervals"])
-        hostnames[session["meter"]["node"]] = session["meter"]["hostname"]
-    start = min((i["t0"] for items in by_node.values() for i in items), default=0.0)
-    figure, axes = plt.subplots(len(by_node) or 1, 1, figsize=(9, 2.8 * max(1, len(by_node))),
+    hostnames = {s["meter"]["node"]: s["meter"]["hostname"] for s in scan.sessions}
+    nodes = sorted(scan.series)
+    start = scan.start or 0.0
+    figure, axes = plt.subplots(len(nodes) or 1, 1, figsize=(9, 2.8 * max(1, len(nodes))),
                                 squeeze=False)
-    for ax, (node, intervals) in zip(axes[:, 0], sorted(by_node.items())):
-        intervals.sort(key=lambda i: i["t0"])
-        times = [(i["t0"] + i["t1"]) / 2 - start for i in intervals]
-        watts = {stage: [sum(e["stages"].get(stage, 0.0) for e in i["entries"])
-                         / max(i["t1"] - i["t0"], 1e-9) for i in intervals] for stage in STAGES}
+    for ax, node in zip(axes[:, 0], nodes):
+        series = scan.series[node]
+        order = np.argsort(np.frombuffer(series.times))
+        times = np.frombuffer(series.times)[order] - start
+        watts = {stage: np.frombuffer(series.watts[stage])[order] for stage in STAGES}
+        if len(times) > max_points:  # equal-count bins: means of consecutive lines
+            bins = np.array_split(np.arange(len(times)), max_points)
+            times = np.array([times[b].mean() for b in bins])
+            watts = {stage: np.array([w[b].mean() for b in bins]) for stage, w in watts.items()}
         ax.stackplot(times, *watts.values(), labels=STAGES, step="mid")
-        ax.set_title(f"node {hostnames[node]} ({node[:12]})", fontsize=9)
+        ax.set_title(f"node {hostnames.get(node, node)} ({node[:12]})", fontsize=9)
         ax.set_ylabel("power (W)")
         ax.legend(loc="upper right", fontsize=8)
     axes[-1, 0].set_xlabel("seconds since the run's first interval")
@@ -267,13 +339,13 @@ def render_chart(ledger: dict) -> bytes:
 def write_report(run_uri: str, options: StorageOptions | None = None, out: str | None = None,
                  log: Callable[[str], None] = print) -> dict:
     """Read RUN_DIR's ledger and write the three report files to ``out`` (default RUN_DIR)."""
-    ledger = read_ledger(run_uri, options)
-    report = build_report(ledger)
+    scan = read_ledger(run_uri, options)
+    report = build_report(scan)
     out = out or run_uri
     fs, root = open_filesystem(out, options)
     storage_call(out, options, fs.makedirs, root, exist_ok=True)
     files = {"json": json.dumps(report, indent=2).encode(),
-             "md": render_markdown(report).encode(), "png": render_chart(ledger)}
+             "md": render_markdown(report).encode(), "png": render_chart(scan)}
     for suffix, data in files.items():
         storage_call(out, options, fs.pipe_file, posixpath.join(root, f"{REPORT_NAME}.{suffix}"),
                      data)

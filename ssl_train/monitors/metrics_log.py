@@ -21,9 +21,11 @@ METRICS_FILE = "metrics.jsonl"
 
 class RunFile:
     """A JSON-lines file in the run directory: appended to in place when local, uploaded whole
-    from a local copy (at ``sync``) when the run directory is in an object store."""
+    from a local copy (at ``sync``) when the run directory is in an object store. ``fresh``: a
+    new file, nothing to download first."""
 
-    def __init__(self, run_uri: str, name: str, options: StorageOptions | None = None):
+    def __init__(self, run_uri: str, name: str, options: StorageOptions | None = None,
+                 fresh: bool = False):
         self.run_uri = run_uri
         self.name = name
         self.options = options
@@ -33,7 +35,7 @@ class RunFile:
             self.path = Path(self._tmp.name) / posixpath.basename(name)
             fs, root = open_filesystem(run_uri, options)
             remote_path = posixpath.join(root, name)
-            if storage_call(run_uri, options, fs.exists, remote_path):
+            if not fresh and storage_call(run_uri, options, fs.exists, remote_path):
                 self.path.write_bytes(storage_call(run_uri, options, fs.cat_file, remote_path))
         else:
             self.path = Path(run_uri) / name

@@ -92,7 +92,7 @@ def energy_settings(config: PretrainConfig, run_uri: str, options: StorageOption
     return EnergySettings(
         run=config.run.name, run_uri=run_uri, storage=dataclasses.asdict(options), grid=energy.grid(),
         pue=energy.pue.model_dump(), interval_seconds=energy.interval_seconds,
-        upload_every_seconds=energy.upload_every_seconds, powercap_root=energy.powercap_root,
+        record_every_seconds=energy.record_every_seconds, upload_every_seconds=energy.upload_every_seconds, powercap_root=energy.powercap_root,
         cpu_tdp_watts=energy.cpu_tdp_watts, images_per_step=config.train.global_batch_size,
     )
 

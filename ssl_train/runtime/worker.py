@@ -26,7 +26,8 @@ from ssl_train.distributed.collectives import (
     average_over_ranks,
     broadcast_object,
     gather_objects,
-    gather_rows,
+    gather_rows_to_first,
+    world_size,
 )
 from ssl_train.energy.carbon import JOULES_PER_KWH
 from ssl_train.energy.node import EnergySettings, register_process, run_total_joules
@@ -57,26 +58,36 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
+HEALTH_ROWS = 1024  # the held rows of all ranks together the signals are computed on, at most
+
+
 @torch.no_grad()
 def representation_health(model, held: dict[str, torch.Tensor]) -> dict[str, float]:
     """Collapse signals on the held batch (collective: every rank calls; all get the values).
 
-    The embeddings are of the first declared view; alignment, between the first two views (two
+    Each rank embeds its share of at most ``HEALTH_ROWS`` rows in all (the forward is sharded,
+    so every rank takes part); the embeddings go to rank 0 only, which computes the signals
+    (``uniformity``'s pairwise distances are quadratic in the rows) and broadcasts them. The
+    embeddings are of the first declared view; alignment, between the first two views (two
     augmentations of the same images), when the objectives declare two.
     """
     names = [view.name for view in model.views() if view.name in held][:2]
+    share = max(1, HEALTH_ROWS // world_size())
     model.eval()
     try:
-        embedded = [gather_rows(model.embed(held[name]).float()) for name in names]
+        embedded = [gather_rows_to_first(model.embed(held[name][:share]).float())
+                    for name in names]
     finally:
         model.train()
-    z_a = embedded[0]
-    health = {"embedding_std": embedding_std(z_a),
-              "embedding_std_healthy": healthy_embedding_std(z_a.shape[1]),
-              "effective_rank": effective_rank(z_a), "uniformity": uniformity(z_a)}
-    if len(embedded) == 2:
-        health["alignment"] = alignment(z_a, embedded[1])
-    return health
+    health = None
+    if embedded[0] is not None:  # rank 0
+        z_a = embedded[0]
+        health = {"embedding_std": embedding_std(z_a),
+                  "embedding_std_healthy": healthy_embedding_std(z_a.shape[1]),
+                  "effective_rank": effective_rank(z_a), "uniformity": uniformity(z_a)}
+        if len(embedded) == 2:
+            health["alignment"] = alignment(z_a, embedded[1])
+    return broadcast_object(health)
 
 
 class DigitsMonitor:
@@ -95,7 +106,7 @@ class DigitsMonitor:
 
     @torch.no_grad()
     def accuracy(self, model) -> float:
-        """Collective: every rank encodes its slice; all get the accuracy."""
+        """Collective: every rank encodes its slice; rank 0 scores, all get the accuracy."""
         model.eval()
         try:
             features = model.encode(self.mine) if len(self.mine) else None
@@ -105,10 +116,13 @@ class DigitsMonitor:
         padded = torch.zeros(self.per_rank, dim)
         if features is not None:
             padded[:len(features)] = features.float().cpu()
-        everything = gather_rows(padded)[:self.count]
+        everything = gather_rows_to_first(padded)
+        if everything is None:
+            return broadcast_object(None)
+        everything = everything[:self.count]
         train, test = slice(0, None, 2), slice(1, None, 2)
-        return knn_accuracy(everything[train], self.labels[train], everything[test],
-                            self.labels[test])
+        return broadcast_object(knn_accuracy(everything[train], self.labels[train],
+                                             everything[test], self.labels[test]))
 
 
 class EnergyProjection:

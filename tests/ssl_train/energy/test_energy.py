@@ -199,6 +199,61 @@ def test_a_node_splits_each_reading_between_stages_and_idle(tmp_path):
         report["energy_joules"]["total_it"] / 3.6e6 * 1.2 * 400.0)
 
 
+def test_the_ledger_rolls_into_parts_each_uploaded_once_holding_the_sums_of_its_samples(
+        tmp_path, monkeypatch):
+    """In an object store the ledger's upload volume stays linear in the run's length: each
+    closed part goes up once and is never written again; its lines are exact sums of the 1-s
+    samples, and the report streams over the parts to the same totals."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    uploads: dict[str, int] = defaultdict(int)
+    put_file = MemoryFileSystem.put_file
+
+    def counted(self, lpath, rpath, *args, **kwargs):
+        uploads[rpath] += 1
+        return put_file(self, lpath, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "put_file", counted)
+    counters = fake_powercap(tmp_path / "powercap", max_range_uj=2**40)
+    run_uri = f"memory://ledger-{tmp_path.name}/run"
+    settings = EnergySettings(run="parts", run_uri=run_uri, storage={},
+                              grid={"g_per_kwh": 100.0, "source": "test"},
+                              pue={"value": 1.0, "source": "test"},
+                              powercap_root=str(tmp_path / "powercap"),
+                              record_every_seconds=0.1, upload_every_seconds=0.35)
+    node = NodeEnergy(settings, "node-parts")
+    sampled, microjoules = 0.0, 0
+    for _ in range(40):
+        microjoules += 250_000
+        write_counter(counters["cpu"], microjoules)
+        time.sleep(0.02)
+        sampled += sum(e["joules"] for e in node.sample()["entries"]
+                       if e["component"] == "cpu")
+    node.stop()
+    fs = MemoryFileSystem()
+    parts = sorted(fs.glob(f"/ledger-{tmp_path.name}/run/energy/ledger-*/part-*.jsonl"))
+    assert len(parts) >= 3, parts
+    assert set(uploads) == set(parts) and set(uploads.values()) == {1}, dict(uploads)
+    lines = [json.loads(line) for part in parts for line in fs.cat_file(part).splitlines()]
+    intervals = [line for line in lines if line["type"] == "interval"]
+    assert 3 <= len(intervals) < 41  # summed: fewer lines than samples
+    assert sum(line["samples"] for line in intervals) == 41  # the 40 and stop's last one
+    cpu = sum(e["joules"] for line in intervals for e in line["entries"]
+              if e["component"] == "cpu")
+    assert cpu == pytest.approx(sampled, rel=1e-12) and cpu == pytest.approx(10.0)
+    report = write_report(run_uri, log=lambda line: None)
+    assert report["complete"] and report["ledger_parts"] == len(parts)
+    assert report["ledger_lines"] == len(intervals)
+    assert report["energy_joules"]["total_it"] == pytest.approx(
+        sum(e["joules"] for line in intervals for e in line["entries"]))
+
+
+def test_the_ledger_cadence_is_checked():
+    with pytest.raises(ConfigError, match=r"energy.record_every_seconds \(600\) <= "
+                                          r"energy.upload_every_seconds \(300\) must hold"):
+        load_config("tiny-cpu", ["energy.record_every_seconds=600"])
+
+
 def test_a_missing_grid_intensity_is_a_config_error():
     with pytest.raises(ConfigError, match="energy.grid_intensity is missing: set energy.region"):
         load_config("tiny-cpu", ["energy.region=null"])
@@ -235,7 +290,7 @@ def _ledger_sums(run_dir: Path):
     """Joules by (component, stage) and by component, straight from the ledger's lines."""
     by_stage, by_component, windows = defaultdict(float), defaultdict(float), []
     headers = []
-    for path in sorted((run_dir / "energy").glob("ledger-*.jsonl")):
+    for path in sorted((run_dir / "energy").glob("ledger-*/part-*.jsonl")):
         for line in path.read_text().splitlines():
             try:
                 record = json.loads(line)
@@ -268,6 +323,7 @@ def test_two_workers_and_the_data_stage_count_the_node_once_and_a_killed_run_rep
         "train.global_batch_size=8", "data.quality.min_side=32",
         f"run.output_dir={tmp_path}", "run.name=killed", "train.steps=400",
         "train.checkpoint_every=5", "energy.interval_seconds=0.25",
+        "energy.record_every_seconds=0.5", "energy.upload_every_seconds=2",
         "energy.projection_after_steps=4", f"energy.powercap_root={tmp_path / 'powercap'}",
     ]
     address = ray_local.get_runtime_context().gcs_address
@@ -298,7 +354,7 @@ def test_two_workers_and_the_data_stage_count_the_node_once_and_a_killed_run_rep
     # The meter dies with the job that owned it: the ledger stops growing.
     sizes, deadline = [], time.time() + 60
     while time.time() < deadline and (len(sizes) < 3 or len(set(sizes[-3:])) > 1):
-        sizes.append(sum(p.stat().st_size for p in (run_dir / "energy").glob("*.jsonl")))
+        sizes.append(sum(p.stat().st_size for p in (run_dir / "energy").glob("*/*.jsonl")))
         time.sleep(1.0)
     assert len(set(sizes[-3:])) == 1, sizes
 
@@ -336,7 +392,7 @@ def test_two_workers_and_the_data_stage_count_the_node_once_and_a_killed_run_rep
     markdown = (run_dir / "energy_report.md").read_text()
     assert "did not stop cleanly" in markdown and "package-0" in markdown
     assert (run_dir / "energy_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert read_ledger(str(run_dir))["sessions"][0]["stopped"] is None
+    assert read_ledger(str(run_dir)).sessions[0]["stopped"] is None
 
 
 def test_energy_report_of_a_folder_without_a_ledger_is_a_usage_error(tmp_path):

@@ -102,7 +102,7 @@ def test_checkpoints_in_s3_resume_past_a_partly_written_one_with_fewer_workers(
     with local_copy(f"s3://{run_dir}/checkpoint_000000009") as local_dir:
         assert _adam_steps(local_dir, second) == {9}
     # Each run left its node's energy ledger in the bucket; the last report has both.
-    assert len(fs.glob(f"{run_dir}/energy/ledger-*.jsonl")) == 2
+    assert len(fs.glob(f"{run_dir}/energy/ledger-*/part-00000.jsonl")) == 2
     report = json.loads(fs.cat_file(f"{run_dir}/energy_report.json"))
     assert report["meter_sessions"] == 2 and report["complete"] and report["steps"] == 9
 

@@ -1,0 +1,140 @@
+"""Costs of the run's bookkeeping at web scale, each measured at two sizes.
+
+    .venv/bin/python benchmarks/stream_scale.py ledger --nodes 64 --days 1 7
+
+``ledger``: a simulated energy ledger of NODES GPU nodes (2 CPU packages, 2 DRAM zones and 8 GPUs
+each, the meters of an 8-GPU server) over DAYS days, written by the meter's own writer
+(``LedgerParts``, one line a minute, a part every five minutes, as the defaults), then reported on
+by ``ssl-pretrain energy-report`` in a fresh process. Prints, for each size, the ledger's lines,
+parts and bytes, the time to write it, and the report's wall time and peak memory (the child's
+maximum resident set size), then the growth between the sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pipelines.storage.access import StorageOptions
+from ssl_train.energy.node import LEDGER_DIR, LedgerParts, utc
+
+GPUS, PACKAGES = 8, 2
+
+
+def _meters(node: int) -> list[dict]:
+    meters = [{"device": f"package-{p}", "component": "cpu", "source": "measured"}
+              for p in range(PACKAGES)]
+    meters += [{"device": f"dram-{p}", "component": "dram", "source": "measured"}
+               for p in range(PACKAGES)]
+    meters += [{"device": f"GPU-{node:08x}-{g:04x}-bbbb-cccc-dddddddddddd", "component": "gpu",
+                "source": "measured"} for g in range(GPUS)]
+    return meters
+
+
+def write_ledger(run_dir: Path, nodes: int, days: float, record_seconds: float = 60.0,
+                 part_seconds: float = 300.0) -> dict:
+    """A ledger as the meters write it, at simulated times; returns its size."""
+    rng = random.Random(0)
+    start = 1.7e9
+    end = start + days * 86400
+    lines = parts = 0
+    for node in range(nodes):
+        name = f"node{node:04d}" + "0" * 52
+        meters = _meters(node)
+        ledger = LedgerParts(str(run_dir), f"{LEDGER_DIR}/ledger-{name[:12]}-20260101T000000-"
+                             f"{node:06x}", StorageOptions(), part_seconds, start)
+        ledger.append({
+            "type": "meter", "run": "week", "node": name, "hostname": f"gpu-node-{node}",
+            "started": utc(start), "interval_seconds": 1.0,
+            "inventory": {"cpu_model": "simulated", "logical_cpus": 224,
+                          "memory_bytes": 2 * 1024**4, "platform": "linux",
+                          "gpus": [{"uuid": m["device"], "name": "H100"} for m in meters
+                                   if m["component"] == "gpu"]},
+            "meters": [{**m, "detail": "simulated"} for m in meters],
+            "grid_intensity": {"g_per_kwh": 400.0, "source": "simulated"},
+            "pue": {"value": 1.2, "source": "simulated"}, "images_per_step": 4096})
+        t0 = start
+        while t0 < end:
+            t1 = t0 + record_seconds
+            entries = []
+            for meter in meters:
+                watts = 600.0 if meter["component"] == "gpu" else 150.0
+                joules = watts * record_seconds * rng.uniform(0.9, 1.1)
+                train = joules * (0.95 if meter["component"] == "gpu" else 0.6)
+                data = 0.0 if meter["component"] == "gpu" else joules * 0.3
+                entries.append({**meter, "joules": joules,
+                                "stages": {"train": train, "data": data,
+                                           "idle": joules - train - data}})
+            ledger.append({"type": "interval", "node": name, "t0": t0, "t1": t1,
+                           "cpu_seconds": {"train": 120.0 * record_seconds,
+                                           "data": 60.0 * record_seconds},
+                           "entries": entries, "samples": int(record_seconds)})
+            lines += 1
+            ledger.roll_if_due(t1)
+            t0 = t1
+        ledger.append({"type": "stopped", "node": name, "time": utc(end)})
+        ledger.close()
+        parts += ledger.index + 1
+    size = sum(p.stat().st_size for p in (run_dir / LEDGER_DIR).rglob("*.jsonl"))
+    return {"lines": lines, "parts": parts, "bytes": size}
+
+
+def report_in_child(run_dir: Path) -> dict:
+    """``energy-report`` in a fresh process: wall time and the child's peak resident memory."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    started = time.perf_counter()
+    executable = Path(sys.executable).parent / "ssl-pretrain"
+    result = subprocess.run([str(executable), "energy-report", str(run_dir)],
+                            capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if result.returncode:
+        raise SystemExit(result.stderr[-2000:])
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    report = json.loads((run_dir / "energy_report.json").read_text())
+    return {"seconds": seconds, "peak_rss_mib": peak_kib / 1024,
+            "peak_rss_note": "" if peak_kib > before else "(not above an earlier child's)",
+            "kwh": report["sci"]["E_kwh"], "lines_reported": report["ledger_lines"]}
+
+
+def ledger_benchmark(nodes: int, days_list: list[float]) -> None:
+    rows = []
+    for days in days_list:  # smallest first: RUSAGE_CHILDREN keeps the largest child's peak
+        with tempfile.TemporaryDirectory(prefix="ledger-bench-") as work:
+            run_dir = Path(work) / "run"
+            started = time.perf_counter()
+            size = write_ledger(run_dir, nodes, days)
+            written = time.perf_counter() - started
+            report = report_in_child(run_dir)
+        assert report["lines_reported"] == size["lines"]
+        rows.append((days, size, written, report))
+        print(f"{nodes} nodes x {days:g} days: {size['lines']:,} lines in {size['parts']:,} parts, "
+              f"{size['bytes'] / 1e9:.2f} GB (written in {written:.0f} s); report "
+              f"{report['seconds']:.0f} s, peak RSS {report['peak_rss_mib']:.0f} MiB "
+              f"{report['peak_rss_note']}".rstrip(), flush=True)
+    if len(rows) > 1:
+        (d0, s0, _, r0), (d1, s1, _, r1) = rows[0], rows[-1]
+        print(f"growth {d0:g} -> {d1:g} days: ledger x{s1['bytes'] / s0['bytes']:.1f}, report "
+              f"time x{r1['seconds'] / r0['seconds']:.1f}, peak RSS "
+              f"x{r1['peak_rss_mib'] / r0['peak_rss_mib']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    ledger = commands.add_parser("ledger", help="the energy report on a simulated long ledger")
+    ledger.add_argument("--nodes", type=int, default=64)
+    ledger.add_argument("--days", type=float, nargs="+", default=[1, 7])
+    args = parser.parse_args()
+    if args.command == "ledger":
+        ledger_benchmark(args.nodes, sorted(args.days))
+
+
+if __name__ == "__main__":
+    main()
