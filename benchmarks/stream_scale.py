@@ -1,6 +1,7 @@
 """Costs of the run's bookkeeping at web scale, each measured at two sizes.
 
     .venv/bin/python benchmarks/stream_scale.py ledger --nodes 64 --days 1 7
+    .venv/bin/python benchmarks/stream_scale.py counters --images 512 --epochs 4 --repeats 5
 
 ``ledger``: a simulated energy ledger of NODES GPU nodes (2 CPU packages, 2 DRAM zones and 8 GPUs
 each, the meters of an 8-GPU server) over DAYS days, written by the meter's own writer
@@ -8,6 +9,10 @@ each, the meters of an 8-GPU server) over DAYS days, written by the meter's own 
 by ``ssl-pretrain energy-report`` in a fresh process. Prints, for each size, the ledger's lines,
 parts and bytes, the time to write it, and the report's wall time and peak memory (the child's
 maximum resident set size), then the growth between the sizes.
+
+``counters``: the data stage's throughput (images/s at 224 px, the hybrid's three views, on
+``benchmarks/data_stage.py``'s ImageNet-like JPEGs) with its counters on (per-process Prometheus
+series, totals sent in batches) and off, in alternating runs; the medians and their difference.
 """
 
 from __future__ import annotations
@@ -125,15 +130,57 @@ def ledger_benchmark(nodes: int, days_list: list[float]) -> None:
               f"x{r1['peak_rss_mib'] / r0['peak_rss_mib']:.2f}")
 
 
+def counters_benchmark(images: int, epochs: int, repeats: int, workers: int) -> None:
+    import statistics
+
+    from data_stage import SIZE, make_jpegs
+
+    from pipelines.ingest import IngestConfig, ingest
+    from pipelines.stream.stage import DataConfig, DataStage
+
+    with tempfile.TemporaryDirectory(prefix="counters-bench-") as work:
+        make_jpegs(Path(work) / "jpegs", images)
+        ingest(str(Path(work) / "jpegs"), str(Path(work) / "shards"),
+               IngestConfig(samples_per_shard=32), log=lambda line: None)
+        config = DataConfig.model_validate({"source": {"url": str(Path(work) / "shards")},
+                                            "epochs": epochs, "view_workers": workers})
+        rates: dict[bool, list[float]] = {True: [], False: []}
+        for run in range(2 * repeats):
+            counting = run % 2 == 0
+            stage = DataStage(config, SIZE, counters=counting)
+            iterator = iter(stage.iter_batches(64))
+            next(iterator)  # start-up not timed
+            started, count = time.perf_counter(), 0
+            for batch in iterator:
+                count += len(batch["view_a"])
+            rates[counting].append(count / (time.perf_counter() - started))
+            if counting:
+                assert stage.counters()["images_emitted"] == images * epochs
+    on, off = statistics.median(rates[True]), statistics.median(rates[False])
+    print(json.dumps({"images": images, "epochs": epochs, "view_workers": workers,
+                      "counters_on_images_per_s": round(on, 1),
+                      "counters_off_images_per_s": round(off, 1),
+                      "on_runs": [round(r, 1) for r in rates[True]],
+                      "off_runs": [round(r, 1) for r in rates[False]],
+                      "on_vs_off_percent": round(100 * (on / off - 1), 2)}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     ledger = commands.add_parser("ledger", help="the energy report on a simulated long ledger")
     ledger.add_argument("--nodes", type=int, default=64)
     ledger.add_argument("--days", type=float, nargs="+", default=[1, 7])
+    counting = commands.add_parser("counters", help="stage throughput, counters on and off")
+    counting.add_argument("--images", type=int, default=512)
+    counting.add_argument("--epochs", type=int, default=4)
+    counting.add_argument("--repeats", type=int, default=5)
+    counting.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     if args.command == "ledger":
         ledger_benchmark(args.nodes, sorted(args.days))
+    else:
+        counters_benchmark(args.images, args.epochs, args.repeats, args.workers)
 
 
 if __name__ == "__main__":

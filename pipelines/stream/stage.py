@@ -7,13 +7,15 @@
 
 The dataset feeds ``ray.train.get_dataset_shard(...).iter_torch_batches(...)`` under Ray Train,
 or is iterated directly (``DataStage.iter_batches``) for benchmarks and debugging. Every image
-read, dropped (by reason) or emitted is counted in a Ray actor shared by all the stage's
-workers. Sample order is preserved so that the data cursor is a prefix of the schedule.
+read, dropped (by reason) or emitted is counted by the process that handled it, as its own
+Prometheus series, and sent in batches to a totals actor that nothing waits on. Sample order is preserved so that the data cursor is a prefix of the schedule.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any
@@ -55,32 +57,73 @@ class DataConfig(StrictSection):
     view_batch_size: Annotated[int, Field(ge=1)] = 32
 
 
-class _Counters:
-    """Totals of the whole data stage, fed by every reader and view worker; also exported."""
+class _Totals:
+    """The stage's totals, for ``DataStage.counters``: an actor that nothing on the hot path
+    waits on. Each process sends what it counted at most every ``TALLY_SECONDS`` (and its rest
+    when it ends), without waiting for a reply; view workers say when they start and end, so
+    that a finished stream's totals can wait for the last of them."""
 
-    def __init__(self, run: str):
+    def __init__(self):
+        self.totals: Counter = Counter()
+        self.open_workers: set[str] = set()
+        self.closed_workers: set[str] = set()
+
+    def add(self, delta: dict[str, int], worker: str | None = None, closing: bool = False) -> None:
+        self.totals.update(delta)
+        if worker is not None:
+            (self.closed_workers if closing else self.open_workers).add(worker)
+
+    def snapshot(self) -> tuple[dict[str, int], int]:
+        """(totals, view workers started but not yet ended)."""
+        return dict(self.totals), len(self.open_workers - self.closed_workers)
+
+
+TALLY_SECONDS = 5.0
+
+
+class _Tally:
+    """What one process of the stage counted: exported at once as this process's Prometheus
+    series, sent to the totals actor in batches (fire and forget). ``add`` never blocks."""
+
+    def __init__(self, totals, run: str, worker: str | None = None):
         from pipelines.stream.telemetry import DataTelemetry
 
-        self.totals: Counter = Counter()
-        self.telemetry = DataTelemetry(run)
+        self.totals, self.worker = totals, worker
+        self.telemetry = DataTelemetry(run) if totals is not None else None
+        self.pending: Counter = Counter()
+        self.sent = time.monotonic()
+        if totals is not None and worker is not None:
+            totals.add.remote({}, worker)
 
     def add(self, delta: dict[str, int]) -> None:
-        self.totals.update(delta)
+        if self.totals is None:  # counters off (the benchmark's baseline)
+            return
         self.telemetry.record(delta)
+        self.pending.update(delta)
+        if time.monotonic() - self.sent >= TALLY_SECONDS:
+            self.flush()
 
-    def snapshot(self) -> dict[str, int]:
-        return dict(self.totals)
+    def flush(self, closing: bool = False) -> None:
+        if self.totals is None or not (self.pending or closing):
+            return
+        self.totals.add.remote(dict(self.pending), self.worker, closing)
+        self.pending = Counter()
+        self.sent = time.monotonic()
 
 
-def _add(counters, delta: dict[str, int]) -> None:
-    """Add to the shared counters and wait, so a finished stream's totals are complete."""
-    import ray
+_READER_TALLIES: dict[str, _Tally] = {}
 
-    ray.get(counters.add.remote(dict(delta)))
+
+def _reader_tally(totals, run: str) -> _Tally:
+    """This reader process's tally (a task process reads many shards)."""
+    key = f"{run}:{id(totals)}"
+    if key not in _READER_TALLIES:
+        _READER_TALLIES[key] = _Tally(totals, run)
+    return _READER_TALLIES[key]
 
 
 def _read_shards(batch: dict[str, np.ndarray], source: SourceConfig, options: StorageOptions,
-                 counters, process_hook: Callable[[], None] | None = None
+                 totals, run: str, process_hook: Callable[[], None] | None = None
                  ) -> Iterator[dict[str, Any]]:
     if process_hook is not None:
         process_hook()
@@ -119,7 +162,9 @@ def _read_shards(batch: dict[str, np.ndarray], source: SourceConfig, options: St
             logger.warning("skipping the rest of shard %s: %s", shard.uri, err)
         delta["shards_read"] += 1
         delta.update({f"skipped_{k}": v for k, v in stats.skipped_members.items()})
-        _add(counters, delta)
+        tally = _reader_tally(totals, run)
+        tally.add(delta)
+        tally.flush()  # once a shard, not waited on: a task process may read no other
         if keys:
             yield flush()
 
@@ -128,7 +173,7 @@ class _ViewMaker:
     """An actor of the decode/augment pool: bytes in, views out, drops counted by reason."""
 
     def __init__(self, image_size: int, augment: AugmentConfig, quality: QualityConfig,
-                 seed: int, counters, process_hook: Callable[[], None] | None = None,
+                 seed: int, totals, run: str, process_hook: Callable[[], None] | None = None,
                  views: tuple[ViewSpec, ...] | list[ViewSpec] = HYBRID_VIEWS):
         if process_hook is not None:
             process_hook()
@@ -137,7 +182,14 @@ class _ViewMaker:
         self.augment = augment
         self.quality = quality
         self.seed = seed
-        self.counters = counters
+        self.tally = _Tally(totals, run, worker=uuid.uuid4().hex)
+
+    def __del__(self):
+        # Ray Data ends its pool's actors gracefully (``__ray_shutdown__``), which drops this
+        # object: the rest of the tally goes out with the worker's end.
+        tally = getattr(self, "tally", None)
+        if tally is not None:
+            tally.flush(closing=True)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows: list[dict[str, np.ndarray]] = []
@@ -155,7 +207,7 @@ class _ViewMaker:
                 continue
             epochs.append(epoch)
             positions.append(position)
-        _add(self.counters, {**dropped, "images_emitted": len(rows)})
+        self.tally.add({**dropped, "images_emitted": len(rows)})
         out = {}
         on_device = self.augment.photometric_on == "device"
         for view in self.views:
@@ -186,7 +238,8 @@ class DataStage:
     def __init__(self, config: DataConfig, image_size: int, options: StorageOptions | None = None,
                  cursor: DataCursor | None = None, address: str | None = None,
                  run_name: str = "adhoc", process_hook: Callable[[], None] | None = None,
-                 views: tuple[ViewSpec, ...] | list[ViewSpec] = HYBRID_VIEWS):
+                 views: tuple[ViewSpec, ...] | list[ViewSpec] = HYBRID_VIEWS,
+                 counters: bool = True):
         self.config = config
         self.views = list(views)  # what the objectives declared: only these are cut
         # Called once in every process of the stage (the run's energy meter counts them).
@@ -196,7 +249,9 @@ class DataStage:
         self.shards = list_shards(config.source, self.options)
         self.start = cursor or DataCursor(seed=config.seed)
         self.ray = ensure_ray(address)
-        self._counters = self.ray.remote(num_cpus=0)(_Counters).remote(run_name)
+        self.run_name = run_name
+        # counters=False: no series, no totals (only to measure what counting costs)
+        self._totals = self.ray.remote(num_cpus=0)(_Totals).remote() if counters else None
 
     def dataset(self):
         """The streaming dataset from the cursor to the end of the configured epochs."""
@@ -213,7 +268,8 @@ class DataStage:
         ds = ds.map_batches(
             _read_shards, batch_size=1, num_cpus=1,
             fn_kwargs={"source": self.config.source, "options": self.options,
-                       "counters": self._counters, "process_hook": self.process_hook},
+                       "totals": self._totals, "run": self.run_name,
+                       "process_hook": self.process_hook},
         )
         ds = ds.map_batches(
             _ViewMaker,
@@ -223,7 +279,7 @@ class DataStage:
             fn_constructor_kwargs={
                 "image_size": self.image_size, "augment": self.config.augment,
                 "quality": self.config.quality, "seed": self.config.seed,
-                "counters": self._counters, "process_hook": self.process_hook,
+                "totals": self._totals, "run": self.run_name, "process_hook": self.process_hook,
                 "views": self.views,
             },
         )
@@ -238,6 +294,14 @@ class DataStage:
         yield from self.dataset().iter_batches(batch_size=batch_size, batch_format="numpy",
                                                drop_last=False)
 
-    def counters(self) -> dict[str, int]:
-        """Counts so far: images/bytes read, dropped by reason, emitted, shard errors."""
-        return self.ray.get(self._counters.snapshot.remote())
+    def counters(self, settle_seconds: float = 30.0) -> dict[str, int]:
+        """Counts so far: images/bytes read, dropped by reason, emitted, shard errors. After a
+        stream has ended, waits (up to ``settle_seconds``) for its view workers' last counts."""
+        if self._totals is None:
+            raise RuntimeError("this data stage was built with counters=False")
+        deadline = time.monotonic() + settle_seconds
+        while True:
+            totals, running = self.ray.get(self._totals.snapshot.remote())
+            if not running or time.monotonic() > deadline:
+                return totals
+            time.sleep(0.1)

@@ -1,7 +1,7 @@
 """The data stage's Prometheus counters (``ssl_data_*``), exported the Ray-native way.
 
-Fed by the stage's shared counters actor with the deltas every reader and view worker reports,
-so each count is recorded once whatever the number of workers. See ``ssl_train.monitors.telemetry`` for
+Each reader and view-worker process records what it counted as its own series (Ray adds the
+worker to the tags) and Prometheus sums them; nothing is sent to another process for them. See ``ssl_train.monitors.telemetry`` for
 the naming and export conventions.
 """
 
