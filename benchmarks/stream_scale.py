@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/stream_scale.py ledger --nodes 64 --days 1 7
     .venv/bin/python benchmarks/stream_scale.py counters --images 512 --epochs 4 --repeats 5
+    .venv/bin/python benchmarks/stream_scale.py schedule --sizes 100000x100 1000000x100 1000000x1
 
 ``ledger``: a simulated energy ledger of NODES GPU nodes (2 CPU packages, 2 DRAM zones and 8 GPUs
 each, the meters of an 8-GPU server) over DAYS days, written by the meter's own writer
@@ -13,6 +14,10 @@ maximum resident set size), then the growth between the sizes.
 ``counters``: the data stage's throughput (images/s at 224 px, the hybrid's three views, on
 ``benchmarks/data_stage.py``'s ImageNet-like JPEGs) with its counters on (per-process Prometheus
 series, totals sent in batches) and off, in alternating runs; the medians and their difference.
+
+``schedule``: the lazy schedule on the driver for SHARDS x EPOCHS (synthetic shard names, nothing
+read): the time to build the dataset, the time to its first ROWS groups, the driver's resident
+memory growth, and the size of the shard list (the one thing it holds per shard).
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ def write_ledger(run_dir: Path, nodes: int, days: float, record_seconds: float =
             "meters": [{**m, "detail": "simulated"} for m in meters],
             "grid_intensity": {"g_per_kwh": 400.0, "source": "simulated"},
             "pue": {"value": 1.2, "source": "simulated"}, "images_per_step": 4096})
+        ledger.roll(start)  # the header is its own part, as the meter writes it
         t0 = start
         while t0 < end:
             t1 = t0 + record_seconds
@@ -165,6 +171,50 @@ def counters_benchmark(images: int, epochs: int, repeats: int, workers: int) -> 
                       "on_vs_off_percent": round(100 * (on / off - 1), 2)}, indent=2))
 
 
+def _rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def schedule_benchmark(sizes: list[tuple[int, int]], group_size: int, rows: int) -> None:
+    """The driver's side of the lazy schedule: building the dataset (the shard list put in the
+    object store once) and reaching the first ``rows`` groups, with the driver's memory."""
+    import ray
+    import ray.data
+
+    from pipelines.stream.cursor import DataCursor
+    from pipelines.stream.sources import ShardRef
+    from pipelines.stream.stage import schedule_dataset
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.get(ray.remote(lambda: None).remote())  # a worker up before timing
+    results = []
+    for shards, epochs in sizes:
+        refs = [ShardRef(f"s3://bucket/shards/shard-{i:07d}.tar", "tar").to_json()
+                for i in range(shards)]
+        before = _rss_mib()
+        started = time.perf_counter()
+        ds = schedule_dataset(refs, DataCursor(seed=0), epochs, group_size)
+        built = time.perf_counter() - started
+        seen, first_epoch = 0, None
+        for batch in ds.iter_batches(batch_size=None):
+            seen += len(batch["group"])
+            first_epoch = int(batch["epoch"][0]) if first_epoch is None else first_epoch
+            if seen >= rows:
+                break
+        reached = time.perf_counter() - started
+        results.append({"shards": shards, "epochs": epochs, "groups": shards * epochs // group_size,
+                        "build_s": round(built, 2), "first_groups_s": round(reached, 2),
+                        "groups_read": seen, "epoch_of_first": first_epoch,
+                        "driver_rss_growth_mib": round(_rss_mib() - before, 1),
+                        "shard_list_mib": round(sum(map(len, refs)) / 2**20, 1)})
+        del refs, ds
+        print(json.dumps(results[-1]), flush=True)
+    print(json.dumps({"schedule": results}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -176,9 +226,18 @@ def main() -> None:
     counting.add_argument("--epochs", type=int, default=4)
     counting.add_argument("--repeats", type=int, default=5)
     counting.add_argument("--workers", type=int, default=2)
+    schedule = commands.add_parser("schedule", help="the lazy schedule's start-up on the driver")
+    schedule.add_argument("--sizes", nargs="+", default=["100000x100", "1000000x100",
+                                                         "1000000x1"],
+                          help="SHARDSxEPOCHS")
+    schedule.add_argument("--group-size", type=int, default=16)
+    schedule.add_argument("--rows", type=int, default=4096)
     args = parser.parse_args()
     if args.command == "ledger":
         ledger_benchmark(args.nodes, sorted(args.days))
+    elif args.command == "schedule":
+        schedule_benchmark([tuple(map(int, size.split("x"))) for size in args.sizes],
+                           args.group_size, args.rows)
     else:
         counters_benchmark(args.images, args.epochs, args.repeats, args.workers)
 

@@ -1,22 +1,35 @@
 """The streaming data stage on Ray Data: shards in, batches of training-ready views out.
 
-    shard schedule (seeded permutation per epoch, from the cursor)
-      -> read shards (tasks; a damaged shard is counted and the stream goes on)
+    epochs from the cursor (one row each)
+      -> the epoch's groups: its seeded permutation, less what the cursor covers, cut into
+         groups of ``read_shards_at_once`` (one task at a time, one block a group)
+      -> read a group (I/O tasks of ``read_cpus``): its shards read side by side, their samples
+         interleaved in turn; a damaged shard is counted and the stream goes on
       -> decode, filter, cut views (an actor pool on CPU resources)
       -> the views the objectives declared (uint8), [photometric parameters], epoch, position
+
+Nothing on the driver grows with epochs x shards: the groups are made by a task, an epoch at a
+time, as the stream needs them. Groups finish in any order (no ``preserve_order``), so a slow
+read holds back only its own group while the other read tasks go on. Within a group the order is
+fixed (shard by shard in turn), so a retried task yields the same samples in the same order.
 
 The dataset feeds ``ray.train.get_dataset_shard(...).iter_torch_batches(...)`` under Ray Train,
 or is iterated directly (``DataStage.iter_batches``) for benchmarks and debugging. Every image
 read, dropped (by reason) or emitted is counted by the process that handled it, as its own
-Prometheus series, and sent in batches to a totals actor that nothing waits on. Sample order is preserved so that the data cursor is a prefix of the schedule.
+Prometheus series, and sent in batches to the stage's ledger, an actor that nothing waits on;
+the ledger also keeps, for the data cursor, what each shard read and which of its samples the
+view stage dropped (``pipelines.stream.cursor.merge_checkpoint_parts``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import queue
+import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
@@ -33,7 +46,7 @@ from pipelines.storage.access import (
     unavailable_reason,
 )
 from pipelines.storage.shards import ReadStats, ShardError
-from pipelines.stream.cursor import CursorTracker, DataCursor, shard_schedule
+from pipelines.stream.cursor import CursorTracker, DataCursor, Shard, epoch_groups
 from pipelines.stream.sources import ShardRef, SourceConfig, list_shards, read_shard
 from pipelines.views.augment import HYBRID_VIEWS, AugmentConfig, ViewSpec, make_views
 from pipelines.views.decode import Rejected
@@ -42,7 +55,10 @@ from pipelines.views.quality import QualityConfig
 
 logger = logging.getLogger(__name__)
 
-READ_BATCH = 32  # samples per block leaving the shard reader
+READ_BATCH = 32  # samples per block leaving a read task
+READ_AHEAD = 8  # samples each shard of a group reads ahead of the interleave
+GROUPS_PER_BLOCK = 256  # groups the schedule task emits at once
+LEDGER_NAMESPACE = "ssl-data"
 
 
 class DataConfig(StrictSection):
@@ -53,127 +69,249 @@ class DataConfig(StrictSection):
     augment: AugmentConfig = AugmentConfig()
     seed: int = 0
     epochs: Annotated[int, Field(ge=1)] = 1000
+    # Shards one read task reads side by side; a batch mixes their samples in turn.
+    read_shards_at_once: Annotated[int, Field(ge=1)] = 16
+    # A read task waits on storage, mostly: a fraction of a CPU each, so that a node runs
+    # several. (Not 1: Ray Data would then fuse the reads into the view workers' actors.)
+    read_cpus: Annotated[float, Field(gt=0, lt=1)] = 0.25
+    # At most this many read tasks at once (None: as many as the CPUs allow). Each one started
+    # is a process; on a small machine a few are enough and start sooner.
+    read_tasks: Annotated[int, Field(ge=1)] | None = None
     view_workers: Annotated[int, Field(ge=1)] = 2  # upper bound of the decode/augment actor pool
     view_batch_size: Annotated[int, Field(ge=1)] = 32
 
 
-class _Totals:
-    """The stage's totals, for ``DataStage.counters``: an actor that nothing on the hot path
-    waits on. Each process sends what it counted at most every ``TALLY_SECONDS`` (and its rest
-    when it ends), without waiting for a reply; view workers say when they start and end, so
-    that a finished stream's totals can wait for the last of them."""
+class _Ledger:
+    """The stage's ledger: an actor that nothing on the hot path waits on. Each process sends
+    what it counted at most every ``TALLY_SECONDS`` (and its rest when it ends), without waiting
+    for a reply; view workers say when they start and end, so that a finished stream's totals
+    can wait for the last of them. For the cursor it keeps, per shard not yet consumed, the
+    samples its reader read (once the reading ended) and the keys of those the view stage
+    dropped (a set: a retried block counts once)."""
 
     def __init__(self):
         self.totals: Counter = Counter()
         self.open_workers: set[str] = set()
         self.closed_workers: set[str] = set()
+        self.read: dict[Shard, int] = {}
+        self.dropped: defaultdict[Shard, set[str]] = defaultdict(set)
 
-    def add(self, delta: dict[str, int], worker: str | None = None, closing: bool = False) -> None:
+    def add(self, delta: dict[str, int], worker: str | None = None, closing: bool = False,
+            read: dict[Shard, int] | None = None,
+            dropped: dict[Shard, list[str]] | None = None) -> None:
         self.totals.update(delta)
         if worker is not None:
             (self.closed_workers if closing else self.open_workers).add(worker)
+        self.read.update(read or {})
+        for shard, keys in (dropped or {}).items():
+            self.dropped[shard].update(keys)
 
     def snapshot(self) -> tuple[dict[str, int], int]:
         """(totals, view workers started but not yet ended)."""
         return dict(self.totals), len(self.open_workers - self.closed_workers)
 
+    def finished_shards(self) -> dict[Shard, tuple[int, int]]:
+        """Shard -> (samples read, samples dropped), for the shards whose reading ended."""
+        return {shard: (n, len(self.dropped.get(shard, ()))) for shard, n in self.read.items()}
+
+    def forget(self, cursor: dict) -> None:
+        """Drop what ``cursor`` covers: those shards are never read again."""
+        covered = DataCursor.from_dict(cursor).covers
+        self.read = {shard: n for shard, n in self.read.items() if not covered(shard)}
+        for shard in [shard for shard in self.dropped if covered(shard)]:
+            del self.dropped[shard]
+
 
 TALLY_SECONDS = 5.0
+_TELEMETRY: dict[str, Any] = {}
+
+
+def _telemetry(run: str):
+    """This process's Prometheus series of the run (one set, however many tasks it runs)."""
+    from pipelines.stream.telemetry import DataTelemetry
+
+    if run not in _TELEMETRY:
+        _TELEMETRY[run] = DataTelemetry(run)
+    return _TELEMETRY[run]
 
 
 class _Tally:
-    """What one process of the stage counted: exported at once as this process's Prometheus
-    series, sent to the totals actor in batches (fire and forget). ``add`` never blocks."""
+    """What one task or view worker counted: exported at once as this process's Prometheus
+    series, sent to the ledger in batches (fire and forget). ``add`` never blocks."""
 
-    def __init__(self, totals, run: str, worker: str | None = None):
-        from pipelines.stream.telemetry import DataTelemetry
-
-        self.totals, self.worker = totals, worker
-        self.telemetry = DataTelemetry(run) if totals is not None else None
+    def __init__(self, ledger, run: str, worker: str | None = None):
+        self.ledger, self.worker = ledger, worker
+        self.telemetry = _telemetry(run) if ledger is not None else None
         self.pending: Counter = Counter()
+        self.read: dict[Shard, int] = {}
+        self.dropped: defaultdict[Shard, list[str]] = defaultdict(list)
         self.sent = time.monotonic()
-        if totals is not None and worker is not None:
-            totals.add.remote({}, worker)
+        if ledger is not None and worker is not None:
+            ledger.add.remote({}, worker)
 
     def add(self, delta: dict[str, int]) -> None:
-        if self.totals is None:  # counters off (the benchmark's baseline)
+        if self.ledger is None:  # counters off (the benchmark's baseline)
             return
         self.telemetry.record(delta)
         self.pending.update(delta)
         if time.monotonic() - self.sent >= TALLY_SECONDS:
             self.flush()
 
+    def shard_read(self, shard: Shard, samples: int) -> None:
+        self.read[shard] = samples
+
+    def sample_dropped(self, shard: Shard, key: str) -> None:
+        self.dropped[shard].append(key)
+
     def flush(self, closing: bool = False) -> None:
-        if self.totals is None or not (self.pending or closing):
+        if self.ledger is None or not (self.pending or self.read or self.dropped or closing):
             return
-        self.totals.add.remote(dict(self.pending), self.worker, closing)
-        self.pending = Counter()
+        self.ledger.add.remote(dict(self.pending), self.worker, closing, self.read,
+                               dict(self.dropped))
+        self.pending, self.read, self.dropped = Counter(), {}, defaultdict(list)
         self.sent = time.monotonic()
 
 
-_READER_TALLIES: dict[str, _Tally] = {}
+def _epoch_groups(batch: dict[str, np.ndarray], shards: list, cursor: dict, first_epoch: int,
+                  group_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """One epoch (a row of ``range``) -> its groups, one row each, ``GROUPS_PER_BLOCK`` at a
+    time. Rows carry the shards' JSON, so that read tasks need nothing else."""
+    import ray
+
+    refs = ray.get(shards[0])  # the shard list, put in the object store once
+    start = DataCursor.from_dict(cursor)
+    for index in batch["id"].tolist():
+        epoch = first_epoch + int(index)
+        groups = epoch_groups(len(refs), start, epoch, group_size)
+        for at in range(0, len(groups), GROUPS_PER_BLOCK):
+            chunk = groups[at:at + GROUPS_PER_BLOCK]
+            yield {"epoch": np.full(len(chunk), epoch, dtype=np.int64),
+                   "group": np.array([json.dumps([[p, refs[i]] for p, i in group])
+                                      for group in chunk], dtype=object)}
 
 
-def _reader_tally(totals, run: str) -> _Tally:
-    """This reader process's tally (a task process reads many shards)."""
-    key = f"{run}:{id(totals)}"
-    if key not in _READER_TALLIES:
-        _READER_TALLIES[key] = _Tally(totals, run)
-    return _READER_TALLIES[key]
+def schedule_dataset(shards: list[str], cursor: DataCursor, epochs: int, group_size: int):
+    """The groups of ``shards`` (their JSON) from ``cursor`` through epoch ``epochs - 1``, one
+    block each: made by one task, an epoch at a time, as the stream needs them. The driver holds
+    one row per epoch and the shard list, put in the object store once."""
+    import ray
+    import ray.data
+
+    if cursor.epoch >= epochs:
+        raise StorageError("the data cursor is past the last configured epoch: nothing to read")
+    left = epochs - cursor.epoch
+    return ray.data.range(left, override_num_blocks=left).map_batches(
+        _epoch_groups, batch_size=1, num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=1),  # epochs in order
+        fn_kwargs={"shards": [ray.put(shards)], "cursor": cursor.to_dict(),
+                   "first_epoch": cursor.epoch, "group_size": group_size},
+    ).repartition(target_num_rows_per_block=1)
 
 
-def _read_shards(batch: dict[str, np.ndarray], source: SourceConfig, options: StorageOptions,
-                 totals, run: str, process_hook: Callable[[], None] | None = None
-                 ) -> Iterator[dict[str, Any]]:
+class _End:
+    def __init__(self, error: BaseException | None = None, stop: bool = False):
+        self.error, self.stop = error, stop
+
+
+def _read_into(shard: ShardRef, source: SourceConfig, options: StorageOptions, stats: ReadStats,
+               sink: queue.Queue, cancelled: threading.Event) -> None:
+    """A shard's samples into ``sink`` (bounded: reads stay ``READ_AHEAD`` ahead), then _End."""
+    try:
+        for item in read_shard(shard, source, options, stats):
+            while not cancelled.is_set():
+                try:
+                    sink.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if cancelled.is_set():
+                return
+        sink.put(_End())
+    except (ShardError, StorageError, OSError, ValueError) as err:
+        # Storage that stays down after every retry stops the stream (the run resumes later
+        # from its checkpoint); skipping would silently drop good shards.
+        stop = isinstance(err, StorageUnavailable) or bool(unavailable_reason(err))
+        sink.put(_End(err, stop))
+    except BaseException as err:  # anything else is a bug: it stops the stream
+        sink.put(_End(err, stop=True))
+
+
+def _read_group(batch: dict[str, np.ndarray], source: SourceConfig, options: StorageOptions,
+                ledger, run: str, process_hook: Callable[[], None] | None = None
+                ) -> Iterator[dict[str, Any]]:
+    """A group's shards read side by side (a thread each), their samples taken in turn: the
+    same order on any rerun, and a batch draws on every shard of the group."""
     if process_hook is not None:
         process_hook()
-    for shard_json, epoch, position in zip(batch["shard"], batch["epoch"], batch["position"]):
-        shard = ShardRef.from_json(str(shard_json))
-        stats = ReadStats()
+    tally = _Tally(ledger, run)
+    for epoch, group_json in zip(batch["epoch"].tolist(), batch["group"]):
+        group = [(int(p), ShardRef.from_json(ref)) for p, ref in json.loads(str(group_json))]
+        sinks = [queue.Queue(maxsize=READ_AHEAD) for _ in group]
+        stats = [ReadStats() for _ in group]
+        counted = [Counter() for _ in group]
+        cancelled = threading.Event()
+        threads = [threading.Thread(target=_read_into, daemon=True,
+                                    args=(shard, source, options, stats[i], sinks[i], cancelled))
+                   for i, (_, shard) in enumerate(group)]
+        for thread in threads:
+            thread.start()
         keys: list[str] = []
         datas: list[bytes] = []
-        delta: Counter = Counter()
+        positions: list[int] = []
 
         def flush():
             out = {"key": np.array(keys, dtype=object), "data": np.array(datas, dtype=object),
                    "epoch": np.full(len(keys), epoch, dtype=np.int64),
-                   "position": np.full(len(keys), position, dtype=np.int64)}
+                   "position": np.array(positions, dtype=np.int64)}
             keys.clear()
             datas.clear()
+            positions.clear()
             return out
 
         try:
-            for key, data in read_shard(shard, source, options, stats):
-                keys.append(key)
-                datas.append(data)
-                delta["images_read"] += 1
-                delta["bytes_read"] += len(data)
-                if len(keys) == READ_BATCH:
-                    yield flush()
-        except (ShardError, StorageError, OSError, ValueError) as err:
-            # Storage that stays down after every retry stops the stream (the run resumes
-            # later from its checkpoint); skipping would silently drop good shards.
-            if isinstance(err, StorageUnavailable):
-                raise
-            if unavailable_reason(err):
-                raise explain(err, shard.uri, options) from err
-            # Anything else is a bug and stops the stream; a bad shard must not.
-            delta["shard_errors"] += 1
-            logger.warning("skipping the rest of shard %s: %s", shard.uri, err)
-        delta["shards_read"] += 1
-        delta.update({f"skipped_{k}": v for k, v in stats.skipped_members.items()})
-        tally = _reader_tally(totals, run)
-        tally.add(delta)
-        tally.flush()  # once a shard, not waited on: a task process may read no other
-        if keys:
-            yield flush()
+            active = list(range(len(group)))
+            while active:
+                for i in list(active):
+                    item = sinks[i].get()
+                    position, shard = group[i]
+                    if not isinstance(item, _End):
+                        key, data = item
+                        keys.append(key)
+                        datas.append(data)
+                        positions.append(position)
+                        counted[i]["images_read"] += 1
+                        counted[i]["bytes_read"] += len(data)
+                        if len(keys) == READ_BATCH:
+                            yield flush()
+                        continue
+                    active.remove(i)
+                    if item.error is not None:
+                        if item.stop:
+                            if isinstance(item.error, StorageUnavailable):
+                                raise item.error
+                            if unavailable_reason(item.error):
+                                raise explain(item.error, shard.uri, options) from item.error
+                            raise item.error
+                        counted[i]["shard_errors"] += 1
+                        logger.warning("skipping the rest of shard %s: %s", shard.uri, item.error)
+                    counted[i]["shards_read"] += 1
+                    counted[i].update({f"skipped_{k}": v
+                                       for k, v in stats[i].skipped_members.items()})
+                    tally.add(counted[i])
+                    tally.shard_read((epoch, position), counted[i]["images_read"])
+                    tally.flush()  # once a shard, not waited on
+            if keys:
+                yield flush()
+        finally:
+            cancelled.set()
+    tally.flush()
 
 
 class _ViewMaker:
     """An actor of the decode/augment pool: bytes in, views out, drops counted by reason."""
 
     def __init__(self, image_size: int, augment: AugmentConfig, quality: QualityConfig,
-                 seed: int, totals, run: str, process_hook: Callable[[], None] | None = None,
+                 seed: int, ledger, run: str, process_hook: Callable[[], None] | None = None,
                  views: tuple[ViewSpec, ...] | list[ViewSpec] = HYBRID_VIEWS):
         if process_hook is not None:
             process_hook()
@@ -182,7 +320,7 @@ class _ViewMaker:
         self.augment = augment
         self.quality = quality
         self.seed = seed
-        self.tally = _Tally(totals, run, worker=uuid.uuid4().hex)
+        self.tally = _Tally(ledger, run, worker=uuid.uuid4().hex)
 
     def __del__(self):
         # Ray Data ends its pool's actors gracefully (``__ray_shutdown__``), which drops this
@@ -204,6 +342,7 @@ class _ViewMaker:
                                        self.views))
             except Rejected as rejected:
                 dropped[f"dropped_{rejected.reason}"] += 1
+                self.tally.sample_dropped((int(epoch), int(position)), str(key))
                 continue
             epochs.append(epoch)
             positions.append(position)
@@ -233,13 +372,17 @@ def _stable_hash(text: str) -> int:
 
 
 class DataStage:
-    """One run's data stage: the shard list, the Ray Data dataset and its counters."""
+    """One run's data stage: the shard list, the Ray Data dataset and its ledger.
+
+    ``ledger_name`` names the ledger actor (in ``LEDGER_NAMESPACE``) so that a training worker
+    can find it; a stage built again under the same name (a restarted worker group) shares it.
+    """
 
     def __init__(self, config: DataConfig, image_size: int, options: StorageOptions | None = None,
                  cursor: DataCursor | None = None, address: str | None = None,
                  run_name: str = "adhoc", process_hook: Callable[[], None] | None = None,
                  views: tuple[ViewSpec, ...] | list[ViewSpec] = HYBRID_VIEWS,
-                 counters: bool = True):
+                 counters: bool = True, ledger_name: str | None = None):
         self.config = config
         self.views = list(views)  # what the objectives declared: only these are cut
         # Called once in every process of the stage (the run's energy meter counts them).
@@ -251,24 +394,29 @@ class DataStage:
         self.ray = ensure_ray(address)
         self.run_name = run_name
         # counters=False: no series, no totals (only to measure what counting costs)
-        self._totals = self.ray.remote(num_cpus=0)(_Totals).remote() if counters else None
+        self._ledger = None
+        if counters:
+            actor = self.ray.remote(num_cpus=0)(_Ledger)
+            if ledger_name is not None:
+                actor = actor.options(name=ledger_name, namespace=LEDGER_NAMESPACE,
+                                      get_if_exists=True)
+            self._ledger = actor.remote()
+
+    def schedule(self):
+        """The groups from the cursor to the end of the configured epochs, one block each."""
+        return schedule_dataset([shard.to_json() for shard in self.shards], self.start,
+                                self.config.epochs, self.config.read_shards_at_once)
 
     def dataset(self):
         """The streaming dataset from the cursor to the end of the configured epochs."""
         import ray.data
 
-        schedule = shard_schedule(len(self.shards), self.start, self.config.epochs)
-        if not schedule:
-            raise StorageError("the data cursor is past the last configured epoch: nothing to read")
-        context = ray.data.DataContext.get_current()
-        context.execution_options.preserve_order = True
-        items = [{"shard": self.shards[index].to_json(), "epoch": epoch, "position": position}
-                 for epoch, position, index in schedule]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(
-            _read_shards, batch_size=1, num_cpus=1,
+        reads = self.config.read_tasks
+        ds = self.schedule().map_batches(
+            _read_group, batch_size=1, num_cpus=self.config.read_cpus,
+            compute=ray.data.TaskPoolStrategy(size=reads) if reads else None,
             fn_kwargs={"source": self.config.source, "options": self.options,
-                       "totals": self._totals, "run": self.run_name,
+                       "ledger": self._ledger, "run": self.run_name,
                        "process_hook": self.process_hook},
         )
         ds = ds.map_batches(
@@ -279,29 +427,37 @@ class DataStage:
             fn_constructor_kwargs={
                 "image_size": self.image_size, "augment": self.config.augment,
                 "quality": self.config.quality, "seed": self.config.seed,
-                "totals": self._totals, "run": self.run_name, "process_hook": self.process_hook,
+                "ledger": self._ledger, "run": self.run_name, "process_hook": self.process_hook,
                 "views": self.views,
             },
         )
-        ds.context.execution_options.preserve_order = True
+        ds.context.execution_options.preserve_order = False
         return ds
 
     def tracker(self) -> CursorTracker:
-        return CursorTracker(self.start, len(self.shards))
+        return CursorTracker(self.start)
 
     def iter_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Batches of numpy arrays straight from the dataset, without Ray Train."""
         yield from self.dataset().iter_batches(batch_size=batch_size, batch_format="numpy",
                                                drop_last=False)
 
+    def _need_ledger(self):
+        if self._ledger is None:
+            raise RuntimeError("this data stage was built with counters=False")
+        return self._ledger
+
+    def finished_shards(self) -> dict[Shard, tuple[int, int]]:
+        """The ledger's shard -> (samples read, samples dropped), for shards read to their end."""
+        return self.ray.get(self._need_ledger().finished_shards.remote())
+
     def counters(self, settle_seconds: float = 30.0) -> dict[str, int]:
         """Counts so far: images/bytes read, dropped by reason, emitted, shard errors. After a
         stream has ended, waits (up to ``settle_seconds``) for its view workers' last counts."""
-        if self._totals is None:
-            raise RuntimeError("this data stage was built with counters=False")
+        ledger = self._need_ledger()
         deadline = time.monotonic() + settle_seconds
         while True:
-            totals, running = self.ray.get(self._totals.snapshot.remote())
+            totals, running = self.ray.get(ledger.snapshot.remote())
             if not running or time.monotonic() > deadline:
                 return totals
             time.sleep(0.1)

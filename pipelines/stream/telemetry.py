@@ -1,8 +1,9 @@
 """The data stage's Prometheus counters (``ssl_data_*``), exported the Ray-native way.
 
-Each reader and view-worker process records what it counted as its own series (Ray adds the
-worker to the tags) and Prometheus sums them; nothing is sent to another process for them. See ``ssl_train.monitors.telemetry`` for
-the naming and export conventions.
+Each reader and view-worker process records what it counted on its own series; Ray's metrics
+agent sums a node's processes into one series per tag set (Ray 2.60 leaves out the worker id),
+and nothing is sent to another process for them. See ``ssl_train.monitors.telemetry`` for the
+naming and export conventions.
 """
 
 from __future__ import annotations

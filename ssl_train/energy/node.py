@@ -86,10 +86,9 @@ class NodeEnergy:
         self.lock = threading.Lock()
         started = time.time()
         session = datetime.fromtimestamp(started, timezone.utc).strftime("%Y%m%dT%H%M%S")
-        self.ledger = LedgerParts(settings.run_uri,
-                                  f"{LEDGER_DIR}/ledger-{node[:12]}-{session}-{uuid.uuid4().hex[:6]}",
-                                  StorageOptions(**settings.storage), settings.upload_every_seconds,
-                                  started)
+        folder = f"{LEDGER_DIR}/ledger-{node[:12]}-{session}-{uuid.uuid4().hex[:6]}"
+        self.ledger = LedgerParts(settings.run_uri, folder, StorageOptions(**settings.storage),
+                                  settings.upload_every_seconds, started)
         self.pending: dict | None = None  # samples not yet written, summed into one record
         self.ledger.append({
             "type": "meter", "run": settings.run, "node": node, "hostname": socket.gethostname(),
@@ -104,6 +103,7 @@ class NodeEnergy:
             "grid_intensity": settings.grid, "pue": settings.pue,
             "images_per_step": settings.images_per_step,
         })
+        self.ledger.roll(started)  # the header is its own part: in storage from the start
         self.t0 = started
 
     def register(self, pid: int, stage: str, gpu_uuids: list[str] = ()) -> None:
@@ -223,10 +223,14 @@ class LedgerParts:
 
     def roll_if_due(self, now: float) -> None:
         if now - self.opened >= self.roll_seconds:
-            self.part.close()
-            self.index += 1
-            self.opened = now
-            self.part = self._open()
+            self.roll(now)
+
+    def roll(self, now: float) -> None:
+        """Close the open part (made durable) and open the next."""
+        self.part.close()
+        self.index += 1
+        self.opened = now
+        self.part = self._open()
 
     def close(self) -> None:
         self.part.close()

@@ -2,7 +2,8 @@
 
 Streams over every part of every ledger under RUN_DIR/energy (one folder per node meter session;
 a line cut by a crash is skipped and counted) and the run's ``metrics.jsonl`` (steps trained, the
-projection), holding sums and 32 bytes of chart per ledger line rather than the text, and writes ``energy_report.json``, ``energy_report.md`` and ``energy_report.png`` (power over time
+projection), holding sums and 32 bytes of chart per ledger line rather than the text, and
+writes ``energy_report.json``, ``energy_report.md`` and ``energy_report.png`` (power over time
 by stage, one panel per node). Field names follow the Green Software Foundation's SCI terms:
 E (energy, kWh, facility overhead included through PUE), I (grid intensity, gCO2e/kWh),
 O = E x I (operational emissions), M (embodied emissions: not assessed), R (functional unit:
@@ -51,6 +52,8 @@ class LedgerError(StorageError):
 
 
 PART_READERS = 16  # parts read at once from the run directory (object-store latency overlaps)
+
+INCOMPLETE = "; the run did not stop cleanly: figures up to its last ledger line"
 
 
 def _bounded_map(fn, items: list, workers: int = PART_READERS) -> Iterator:
@@ -255,7 +258,7 @@ def render_markdown(report: dict) -> str:
         f"# Energy report: run `{report['run']}`", "",
         f"- Window (UTC): {report['start_utc']} to {report['end_utc']} "
         f"({report['duration_seconds']:.0f} s, {report['meter_sessions']} meter session(s)"
-        f"{'' if report['complete'] else '; the run did not stop cleanly: figures up to its last ledger line'})",
+        f"{'' if report['complete'] else INCOMPLETE})",
         f"- Steps trained: {report['steps']}; training images (R): {report['images']}",
         f"- Accelerator-hours: {report['accelerator_hours']:.3f}",
         f"- IT energy: {_kj(energy['total_it'])} kJ; with PUE {pue['value']}: "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 from collections.abc import Callable
@@ -90,9 +91,10 @@ def energy_settings(config: PretrainConfig, run_uri: str, options: StorageOption
     if not energy.enabled:
         return None
     return EnergySettings(
-        run=config.run.name, run_uri=run_uri, storage=dataclasses.asdict(options), grid=energy.grid(),
-        pue=energy.pue.model_dump(), interval_seconds=energy.interval_seconds,
-        record_every_seconds=energy.record_every_seconds, upload_every_seconds=energy.upload_every_seconds, powercap_root=energy.powercap_root,
+        run=config.run.name, run_uri=run_uri, storage=dataclasses.asdict(options),
+        grid=energy.grid(), pue=energy.pue.model_dump(), interval_seconds=energy.interval_seconds,
+        record_every_seconds=energy.record_every_seconds,
+        upload_every_seconds=energy.upload_every_seconds, powercap_root=energy.powercap_root,
         cpu_tdp_watts=energy.cpu_tdp_watts, images_per_step=config.train.global_batch_size,
     )
 
@@ -187,7 +189,6 @@ def train(config: PretrainConfig, address: str | None = None,
         f"{len(shards)} shards, {data.epochs} epochs at most; run directory {run_uri}")
 
     import ray.train
-    from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
     from ssl_train.runtime.worker import train_loop_per_worker
@@ -201,6 +202,9 @@ def train(config: PretrainConfig, address: str | None = None,
 
         hook = functools.partial(register_process, energy, "data")
 
+    # The data stage's ledger, found by rank 0 at each checkpoint; one per run directory.
+    ledger_name = f"ledger-{hashlib.sha256(run_uri.encode()).hexdigest()[:16]}"
+
     def dataset_factory():
         from pipelines.stream.stage import DataStage
 
@@ -209,7 +213,7 @@ def train(config: PretrainConfig, address: str | None = None,
                   else DataCursor(seed=config.data.seed))
         return DataStage(config.data, image_size, options, cursor=cursor,
                          run_name=config.run.name, process_hook=hook,
-                         views=config.views()).dataset()
+                         views=config.views(), ledger_name=ledger_name).dataset()
 
     storage_path, storage_fs = _storage_filesystem(config.run.output_dir, options)
     loop_config: dict[str, Any] = {
@@ -218,6 +222,7 @@ def train(config: PretrainConfig, address: str | None = None,
         "energy": dataclasses.asdict(energy) if energy else None,
         "run_uri": run_uri,
         "num_shards": len(shards),
+        "data_ledger": ledger_name,
         "stop_step": stop_step,
     }
     trainer = TorchTrainer(
@@ -235,8 +240,6 @@ def train(config: PretrainConfig, address: str | None = None,
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
         ),
         datasets={"train": dataset_factory},
-        dataset_config=ray.train.DataConfig(
-            execution_options=ExecutionOptions(preserve_order=True)),
     )
     from ray.exceptions import RayTaskError
 

@@ -21,6 +21,7 @@ import torch
 
 from pipelines.storage.access import StorageOptions
 from pipelines.stream.cursor import CursorTracker, DataCursor, merge_checkpoint_parts
+from pipelines.stream.stage import LEDGER_NAMESPACE
 from ssl_train.config import PretrainConfig
 from ssl_train.distributed.collectives import (
     average_over_ranks,
@@ -157,7 +158,8 @@ class EnergyProjection:
     def describe(self, estimate: dict[str, Any]) -> str:
         return (f"energy: {estimate['joules_per_step']:.1f} J per step over steps "
                 f"{estimate['measured_from_step']}-{estimate['step']}; projected for "
-                f"{estimate['steps']} steps: {estimate['projected_joules'] / JOULES_PER_KWH * 1000:.2f} Wh, "
+                f"{estimate['steps']} steps: "
+                f"{estimate['projected_joules'] / JOULES_PER_KWH * 1000:.2f} Wh, "
                 f"{estimate['projected_co2e_grams']:.2f} gCO2e at "
                 f"{self.energy.grid['g_per_kwh']:g} g/kWh and PUE {self.energy.pue['value']:g}")
 
@@ -181,7 +183,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     precision = trainer.precision
 
     step, cursor, samples_replayed = 0, DataCursor(seed=config.data.seed), 0
-    resume_uri = broadcast_object(latest_complete_checkpoint(run_uri, options) if is_chief else None)
+    resume_uri = broadcast_object(
+        latest_complete_checkpoint(run_uri, options) if is_chief else None)
     if resume_uri:
         with local_copy(resume_uri, options) as local_dir:
             state = load_checkpoint(local_dir, model, optimizer, resume_uri)
@@ -192,7 +195,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         samples_replayed = int(state.get("samples_replayed", 0)) + replaying
         if is_chief:
             _say(f"resumed from {resume_uri} at step {step} (data cursor: epoch "
-                 f"{cursor.epoch}, {cursor.shards_consumed} shards consumed; "
+                 f"{cursor.epoch}, {cursor.shards_consumed} shards consumed in order and "
+                 f"{len(cursor.done)} after them; "
                  f"{replaying} samples of shards in flight are read again)")
     log = MetricsLog(run_uri, options, resume_step=step) if is_chief else None
     telemetry = TrainingTelemetry(config.run.name, rank, ray.get_runtime_context().get_node_id())
@@ -212,7 +216,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         register_process(energy, "train", gpus)
     projection = EnergyProjection(energy, config, step) if energy and is_chief else None
 
-    tracker = CursorTracker(cursor, loop_config["num_shards"])
+    tracker = CursorTracker(cursor)
+    data_cursor = [cursor]  # the cursor of the last checkpoint
     per_worker = config.train.global_batch_size // world
     shard = ray.train.get_dataset_shard("train")
     batches = iter(shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device="cpu"))
@@ -228,10 +233,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def checkpoint() -> None:
         save_started = time.perf_counter()
-        # The samples of shards some rank has not finished are read again on resume: counted.
-        global_cursor, in_flight, consumed = merge_checkpoint_parts(
-            tracker.seed, gather_objects(tracker.checkpoint_part(exhausted)))
-        tracker.close_before(global_cursor)
+        # Shards are consumed when what the ranks trained on and what the view stage dropped
+        # add up to what was read (the stage's ledger); the samples of the others are read
+        # again on resume: counted.
+        parts = gather_objects(tracker.checkpoint_part(exhausted))
+        merged = None
+        if is_chief:
+            ledger = ray.get_actor(loop_config["data_ledger"], namespace=LEDGER_NAMESPACE)
+            merged = merge_checkpoint_parts(data_cursor[0], loop_config["num_shards"],
+                                            config.data.epochs, parts,
+                                            ray.get(ledger.finished_shards.remote()))
+            ledger.forget.remote(merged[0].to_dict())  # not waited on
+        global_cursor, in_flight, consumed = broadcast_object(merged)
+        tracker.close(global_cursor)
+        data_cursor[0] = global_cursor
         with tempfile.TemporaryDirectory(prefix="ssl-ckpt-") as tmp:
             save_checkpoint(Path(tmp), model, optimizer, {
                 "step": step, "scheduler": scheduler.state_dict(),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import time
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -62,8 +64,10 @@ def test_stream_emits_views_and_counts_match_the_ingest_report(shards_on_s3):
     assert counters["shards_read"] == len(manifest["shards"])
     assert not any(k.startswith("dropped_") for k in counters)  # ingest already removed them
     assert counters.get("shard_errors", 0) == 0
-    # Samples arrive shard by shard, in the epoch's seeded order.
-    assert list(dict.fromkeys(out["position"].tolist())) == list(range(len(manifest["shards"])))
+    # Every sample of every shard once; the shards are read side by side, their samples in turn.
+    sizes = [manifest["shards"][i]["samples"] for i in epoch_order(len(manifest["shards"]), 0, 0)]
+    assert sorted(out["position"].tolist()) == [p for p, n in enumerate(sizes) for _ in range(n)]
+    assert len(set(out["position"][:8].tolist())) == len(manifest["shards"])
 
 
 def test_a_truncated_shard_in_the_middle_is_counted_and_the_stream_goes_on(
@@ -97,29 +101,51 @@ def test_a_truncated_shard_in_the_middle_is_counted_and_the_stream_goes_on(
     assert set(out["position"].tolist()) >= {0, 1, 3, 4}  # shards after the damaged one arrive
 
 
-def test_cursor_resume_skips_consumed_shards_and_completes_the_epoch(shards_on_s3):
+def test_a_resume_reads_every_shard_not_consumed_and_counts_what_it_reads_again(shards_on_s3):
     dest, manifest, _ = shards_on_s3
-    samples = [manifest["shards"][i]["samples"] for i in epoch_order(5, 7, 0)]
-    config = _config(dest, seed=7)
+    sizes = [manifest["shards"][i]["samples"] for i in epoch_order(5, 7, 0)]
+    config = _config(dest, seed=7, read_shards_at_once=2)  # groups of 2: finished out of order
     first = DataStage(config, IMAGE_SIZE)
     tracker = first.tracker()
-    seen_first = 0
+    trained = Counter()
     for batch in first.iter_batches(batch_size=2):
         tracker.observe(batch["epoch"], batch["position"])
-        seen_first += len(batch["position"])
-        if seen_first >= samples[0] + samples[1] + 1:  # two shards and one sample of the third
+        trained.update(zip(batch["epoch"].tolist(), batch["position"].tolist()))
+        if sum(trained.values()) >= 15:  # of 19: at least one shard is complete
             break
-    cursor, in_flight, consumed = merge_checkpoint_parts(7, [tracker.checkpoint_part(False)])
+    complete = {shard for shard, n in trained.items() if n == sizes[shard[1]]}
+    finished = first.finished_shards()
+    deadline = time.monotonic() + 10  # the readers' reports are not waited on: give them time
+    while not complete <= set(finished) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        finished = first.finished_shards()
+    start = DataCursor(seed=7)
+    cursor, in_flight, consumed = merge_checkpoint_parts(
+        start, 5, 1, [tracker.checkpoint_part(False)], finished)
     cursor = DataCursor.from_dict(json.loads(json.dumps(cursor.to_dict())))
-    assert cursor == DataCursor(seed=7, epoch=0, shards_consumed=2)
-    assert in_flight == seen_first - samples[0] - samples[1]  # the third shard's, read again
-    assert consumed == {"0:0": samples[0], "0:1": samples[1], "0:2": in_flight}
+    covered = {(0, p) for p in range(5) if cursor.covers((0, p))}
+    assert covered == complete and complete  # exactly the shards trained to their end
+    assert in_flight == sum(n for shard, n in trained.items() if shard not in covered)
+    assert consumed == {f"{e}:{p}": n for (e, p), n in sorted(trained.items())}
 
     resumed = DataStage(config, IMAGE_SIZE, cursor=cursor)
     out = _drain(resumed, batch_size=2)
-    assert resumed.counters()["shards_read"] == 3  # positions 0 and 1 are not read again
-    assert sorted(set(out["position"].tolist())) == [2, 3, 4]
-    assert len(out["position"]) == sum(samples[2:])  # the epoch is completed
+    assert resumed.counters()["shards_read"] == 5 - len(covered)  # consumed shards are skipped
+    again = Counter(zip(out["epoch"].tolist(), out["position"].tolist()))
+    # Every shard not consumed is read whole; with the first pass, every sample is trained, and
+    # trained twice only where it was counted as read again.
+    assert again == {(0, p): sizes[p] for p in range(5) if (0, p) not in covered}
+    assert sum(trained.values()) + sum(again.values()) == sum(sizes) + in_flight
+
+
+def test_a_batch_draws_on_as_many_shards_as_are_read_side_by_side(tmp_path, ray_local):
+    src = write_tree(tmp_path / "raw", raw_image_files())
+    config = _config(str(src / "photos"), **{
+        "source": {"url": str(src / "photos"), "format": "images", "images_per_shard": 2},
+        "read_shards_at_once": 10, "quality": {"min_side": 32}})
+    stage = DataStage(config, IMAGE_SIZE)
+    first = next(iter(stage.iter_batches(batch_size=16)))
+    assert len(set(first["position"].tolist())) >= 8  # 10 shards of 2 photographs
 
 
 def test_device_placement_emits_parameters_for_the_training_worker(tmp_path, ray_local):

@@ -222,6 +222,9 @@ def test_the_ledger_rolls_into_parts_each_uploaded_once_holding_the_sums_of_its_
                               powercap_root=str(tmp_path / "powercap"),
                               record_every_seconds=0.1, upload_every_seconds=0.35)
     node = NodeEnergy(settings, "node-parts")
+    # The header is in the store from the start, as a part of its own.
+    assert [json.loads(line)["type"] for line in MemoryFileSystem().cat_file(
+        next(iter(uploads))).splitlines()] == ["meter"]
     sampled, microjoules = 0.0, 0
     for _ in range(40):
         microjoules += 250_000
