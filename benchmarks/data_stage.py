@@ -24,6 +24,7 @@ import cProfile
 import io
 import json
 import multiprocessing
+import os
 import pstats
 import tempfile
 import time
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.cluster import ensure_ray
 from pipelines.ingest import IngestConfig, ingest
 from pipelines.sample_images import sample_photographs
 from pipelines.stream.stage import DataConfig, DataStage
@@ -195,6 +197,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
+    # One logical CPU beyond the cores, as the launcher's local cluster has: the stage's read
+    # tasks take a quarter CPU each beside the view workers.
+    ensure_ray(num_cpus=(os.cpu_count() or 1) + 1)
     work = Path(tempfile.mkdtemp(prefix="ssl-data-bench-"))
     paths = make_jpegs(work / "jpegs", args.images)
     datas = [p.read_bytes() for p in paths]

@@ -16,8 +16,10 @@ maximum resident set size), then the growth between the sizes.
 series, totals sent in batches) and off, in alternating runs; the medians and their difference.
 
 ``schedule``: the lazy schedule on the driver for SHARDS x EPOCHS (synthetic shard names, nothing
-read): the time to build the dataset, the time to its first ROWS groups, the driver's resident
-memory growth, and the size of the shard list (the one thing it holds per shard).
+read): the time to build the dataset, to its first row and to its first ROWS rows (groups),
+the driver's resident memory growth, and the size of the shard list (the one thing it holds
+per shard). ``--per-item`` builds the earlier design instead (an item and a block per epoch
+and shard) for comparison.
 """
 
 from __future__ import annotations
@@ -177,13 +179,14 @@ def _rss_mib() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def schedule_benchmark(sizes: list[tuple[int, int]], group_size: int, rows: int) -> None:
+def schedule_benchmark(sizes: list[tuple[int, int]], group_size: int, rows: int,
+                       per_item: bool = False) -> None:
     """The driver's side of the lazy schedule: building the dataset (the shard list put in the
     object store once) and reaching the first ``rows`` groups, with the driver's memory."""
     import ray
     import ray.data
 
-    from pipelines.stream.cursor import DataCursor
+    from pipelines.stream.cursor import DataCursor, epoch_order
     from pipelines.stream.sources import ShardRef
     from pipelines.stream.stage import schedule_dataset
 
@@ -196,18 +199,25 @@ def schedule_benchmark(sizes: list[tuple[int, int]], group_size: int, rows: int)
                 for i in range(shards)]
         before = _rss_mib()
         started = time.perf_counter()
-        ds = schedule_dataset(refs, DataCursor(seed=0), epochs, group_size)
+        if per_item:  # the earlier design: one item (and one block) per (epoch, shard)
+            items = [{"shard": refs[i], "epoch": e, "position": p} for e in range(epochs)
+                     for p, i in enumerate(epoch_order(shards, 0, e))]
+            ds = ray.data.from_items(items, override_num_blocks=len(items))
+        else:
+            ds = schedule_dataset(refs, DataCursor(seed=0), epochs, group_size)
         built = time.perf_counter() - started
-        seen, first_epoch = 0, None
+        seen, first_epoch, first = 0, None, None
         for batch in ds.iter_batches(batch_size=None):
-            seen += len(batch["group"])
+            first = first or time.perf_counter() - started
+            seen += len(batch["epoch"])
             first_epoch = int(batch["epoch"][0]) if first_epoch is None else first_epoch
             if seen >= rows:
                 break
         reached = time.perf_counter() - started
-        results.append({"shards": shards, "epochs": epochs, "groups": shards * epochs // group_size,
-                        "build_s": round(built, 2), "first_groups_s": round(reached, 2),
-                        "groups_read": seen, "epoch_of_first": first_epoch,
+        results.append({"design": "per-item" if per_item else "lazy", "shards": shards,
+                        "epochs": epochs, "build_s": round(built, 2),
+                        "first_row_s": round(first, 2), "first_rows_s": round(reached, 2),
+                        "rows_read": seen, "epoch_of_first": first_epoch,
                         "driver_rss_growth_mib": round(_rss_mib() - before, 1),
                         "shard_list_mib": round(sum(map(len, refs)) / 2**20, 1)})
         del refs, ds
@@ -231,13 +241,15 @@ def main() -> None:
                                                          "1000000x1"],
                           help="SHARDSxEPOCHS")
     schedule.add_argument("--group-size", type=int, default=16)
-    schedule.add_argument("--rows", type=int, default=4096)
+    schedule.add_argument("--rows", type=int, default=256)
+    schedule.add_argument("--per-item", action="store_true",
+                          help="the earlier design (an item per epoch and shard), to compare")
     args = parser.parse_args()
     if args.command == "ledger":
         ledger_benchmark(args.nodes, sorted(args.days))
     elif args.command == "schedule":
         schedule_benchmark([tuple(map(int, size.split("x"))) for size in args.sizes],
-                           args.group_size, args.rows)
+                           args.group_size, args.rows, args.per_item)
     else:
         counters_benchmark(args.images, args.epochs, args.repeats, args.workers)
 

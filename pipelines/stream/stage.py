@@ -37,7 +37,7 @@ import numpy as np
 from pydantic import Field
 
 from pipelines.cluster import ensure_ray
-from pipelines.settings import StrictSection
+from pipelines.settings import ConfigError, StrictSection
 from pipelines.storage.access import (
     StorageError,
     StorageOptions,
@@ -411,6 +411,7 @@ class DataStage:
         """The streaming dataset from the cursor to the end of the configured epochs."""
         import ray.data
 
+        self._check_cpus()
         reads = self.config.read_tasks
         ds = self.schedule().map_batches(
             _read_group, batch_size=1, num_cpus=self.config.read_cpus,
@@ -433,6 +434,17 @@ class DataStage:
         )
         ds.context.execution_options.preserve_order = False
         return ds
+
+    def _check_cpus(self) -> None:
+        """Refuse a stage whose view workers would take every CPU: its read tasks would never
+        start, and the stream would wait for ever."""
+        cpus = self.ray.cluster_resources().get("CPU", 0)
+        views, read = self.config.view_workers, self.config.read_cpus
+        if cpus < views + read:
+            raise ConfigError(
+                f"data.view_workers ({views}) take {views} of this Ray cluster's {cpus:g} CPUs, "
+                f"leaving less than one read task's data.read_cpus ({read:g}): the stream would "
+                f"never start. Lower data.view_workers or give the cluster more CPUs")
 
     def tracker(self) -> CursorTracker:
         return CursorTracker(self.start)

@@ -186,3 +186,16 @@ def test_views_feed_torch_batches(shards_on_s3):
     batch = next(iter(dataset.iter_torch_batches(batch_size=4, device="cpu")))
     assert batch["view_a"].dtype == torch.uint8 and batch["view_a"].shape == (4, 64, 64, 3)
     assert batch["position"].dtype == torch.int64
+
+
+def test_view_workers_that_take_every_cpu_are_refused_before_the_stream_hangs(tmp_path,
+                                                                              ray_local):
+    from pipelines.settings import ConfigError
+
+    src = write_tree(tmp_path / "raw", raw_image_files())
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    config = _config(str(src / "photos"), source={"url": str(src / "photos"), "format": "images"},
+                     view_workers=cpus)
+    with pytest.raises(ConfigError, match=rf"data.view_workers \({cpus}\) take {cpus} of this "
+                                          rf"Ray cluster's {cpus} CPUs"):
+        DataStage(config, IMAGE_SIZE).dataset()
