@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -71,11 +72,13 @@ class DataConfig(StrictSection):
     epochs: Annotated[int, Field(ge=1)] = 1000
     # Shards one read task reads side by side; a batch mixes their samples in turn.
     read_shards_at_once: Annotated[int, Field(ge=1)] = 16
-    # A read task waits on storage, mostly: a fraction of a CPU each, so that a node runs
-    # several. (Not 1: Ray Data would then fuse the reads into the view workers' actors.)
-    read_cpus: Annotated[float, Field(gt=0, lt=1)] = 0.25
-    # At most this many read tasks at once (None: as many as the CPUs allow). Each one started
-    # is a process; on a small machine a few are enough and start sooner.
+    # A read task waits on storage, mostly: it reserves none of a CPU by default, so that the
+    # view workers can never starve it (a stream whose reads cannot be scheduled waits for ever)
+    # and a node runs several. (Not 1: Ray Data would then fuse the reads into the view
+    # workers' actors.)
+    read_cpus: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # At most this many read tasks at once. None: one per 4 view workers, at least 2 (so that a
+    # straggler holds only one of them); each one is a process.
     read_tasks: Annotated[int, Field(ge=1)] | None = None
     view_workers: Annotated[int, Field(ge=1)] = 2  # upper bound of the decode/augment actor pool
     view_batch_size: Annotated[int, Field(ge=1)] = 32
@@ -412,10 +415,10 @@ class DataStage:
         import ray.data
 
         self._check_cpus()
-        reads = self.config.read_tasks
+        reads = self.config.read_tasks or max(2, math.ceil(self.config.view_workers / 4))
         ds = self.schedule().map_batches(
             _read_group, batch_size=1, num_cpus=self.config.read_cpus,
-            compute=ray.data.TaskPoolStrategy(size=reads) if reads else None,
+            compute=ray.data.TaskPoolStrategy(size=reads),
             fn_kwargs={"source": self.config.source, "options": self.options,
                        "ledger": self._ledger, "run": self.run_name,
                        "process_hook": self.process_hook},
@@ -443,8 +446,9 @@ class DataStage:
         if cpus < views + read:
             raise ConfigError(
                 f"data.view_workers ({views}) take {views} of this Ray cluster's {cpus:g} CPUs, "
-                f"leaving less than one read task's data.read_cpus ({read:g}): the stream would "
-                f"never start. Lower data.view_workers or give the cluster more CPUs")
+                f"leaving less than one read task's data.read_cpus ({read:g}) or none for the "
+                f"view workers: the stream would never start. Lower data.view_workers (or "
+                f"data.read_cpus) or give the cluster more CPUs")
 
     def tracker(self) -> CursorTracker:
         return CursorTracker(self.start)
