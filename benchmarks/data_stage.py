@@ -197,8 +197,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
-    # One logical CPU beyond the cores, as the launcher's local cluster has: the stage's read
-    # tasks take a quarter CPU each beside the view workers.
+    # One logical CPU beyond the cores, as the launcher's local cluster has (the figures in
+    # docs/benchmarks.md since the reads became their own tasks were measured so).
     ensure_ray(num_cpus=(os.cpu_count() or 1) + 1)
     work = Path(tempfile.mkdtemp(prefix="ssl-data-bench-"))
     paths = make_jpegs(work / "jpegs", args.images)
