@@ -212,8 +212,8 @@ def schedule_dataset(shards: list[str], cursor: DataCursor, epochs: int, group_s
 
 
 class _End:
-    def __init__(self, error: BaseException | None = None, stop: bool = False):
-        self.error, self.stop = error, stop
+    def __init__(self, error: BaseException | None = None):
+        self.error = error
 
 
 def _read_into(shard: ShardRef, source: SourceConfig, options: StorageOptions, stats: ReadStats,
@@ -230,13 +230,8 @@ def _read_into(shard: ShardRef, source: SourceConfig, options: StorageOptions, s
             if cancelled.is_set():
                 return
         sink.put(_End())
-    except (ShardError, StorageError, OSError, ValueError) as err:
-        # Storage that stays down after every retry stops the stream (the run resumes later
-        # from its checkpoint); skipping would silently drop good shards.
-        stop = isinstance(err, StorageUnavailable) or bool(unavailable_reason(err))
-        sink.put(_End(err, stop))
-    except BaseException as err:  # anything else is a bug: it stops the stream
-        sink.put(_End(err, stop=True))
+    except BaseException as err:  # judged by the interleave, in the task's own thread
+        sink.put(_End(err))
 
 
 def _read_group(batch: dict[str, np.ndarray], source: SourceConfig, options: StorageOptions,
@@ -289,12 +284,16 @@ def _read_group(batch: dict[str, np.ndarray], source: SourceConfig, options: Sto
                         continue
                     active.remove(i)
                     if item.error is not None:
-                        if item.stop:
-                            if isinstance(item.error, StorageUnavailable):
-                                raise item.error
-                            if unavailable_reason(item.error):
-                                raise explain(item.error, shard.uri, options) from item.error
-                            raise item.error
+                        err = item.error
+                        # Storage that stays down after every retry stops the stream (the run
+                        # resumes later from its checkpoint); skipping would silently drop good
+                        # shards. Anything else but a damaged shard is a bug and stops it too.
+                        if isinstance(err, StorageUnavailable):
+                            raise err
+                        if unavailable_reason(err):
+                            raise explain(err, shard.uri, options) from err
+                        if not isinstance(err, (ShardError, StorageError, OSError, ValueError)):
+                            raise err
                         counted[i]["shard_errors"] += 1
                         logger.warning("skipping the rest of shard %s: %s", shard.uri, item.error)
                     counted[i]["shards_read"] += 1
