@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 READ_BATCH = 32  # samples per block leaving a read task
 READ_AHEAD = 8  # samples each shard of a group reads ahead of the interleave
 GROUPS_PER_BLOCK = 256  # groups the schedule task emits at once
+EPOCH_BLOCKS = 256  # blocks of the epochs' rows (a task takes one epoch at a time regardless)
 LEDGER_NAMESPACE = "ssl-data"
 
 
@@ -203,7 +204,11 @@ def schedule_dataset(shards: list[str], cursor: DataCursor, epochs: int, group_s
     if cursor.epoch >= epochs:
         raise StorageError("the data cursor is past the last configured epoch: nothing to read")
     left = epochs - cursor.epoch
-    return ray.data.range(left, override_num_blocks=left).map_batches(
+    # In memory, not ``ray.data.range``: a read task holds a CPU while the stream is paused,
+    # which on a small cluster leaves none for the stages behind it.
+    rows = ray.data.from_items([{"id": index} for index in range(left)],
+                               override_num_blocks=min(left, EPOCH_BLOCKS))
+    return rows.map_batches(
         _epoch_groups, batch_size=1, num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=1),  # epochs in order
         fn_kwargs={"shards": [ray.put(shards)], "cursor": cursor.to_dict(),
