@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/stream_scale.py ledger --nodes 64 --days 1 7
     .venv/bin/python benchmarks/stream_scale.py counters --images 512 --epochs 4 --repeats 5
     .venv/bin/python benchmarks/stream_scale.py schedule --sizes 100000x100 1000000x100 1000000x1
+    .venv/bin/python benchmarks/stream_scale.py restore --configs vit-s16 vit-b16 --ranks 2
 
 ``ledger``: a simulated energy ledger of NODES GPU nodes (2 CPU packages, 2 DRAM zones and 8 GPUs
 each, the meters of an 8-GPU server) over DAYS days, written by the meter's own writer
@@ -20,6 +21,12 @@ read): the time to build the dataset, to its first row and to its first ROWS row
 the driver's resident memory growth, and the size of the shard list (the one thing it holds
 per shard). ``--per-item`` builds the earlier design instead (an item and a block per epoch
 and shard) for comparison.
+
+``restore``: a checkpoint of each CONFIG's model and AdamW state, sharded by FSDP2 over RANKS
+CPU processes (gloo) and saved as the workers save it (each rank into its own directory, then
+gathered into one, as Ray Train persists it), then restored by the same number of ranks from
+that directory: the bytes each rank read (and the time), against the checkpoint's size, which is
+what each rank read when every rank downloaded the whole checkpoint.
 """
 
 from __future__ import annotations
@@ -225,6 +232,85 @@ def schedule_benchmark(sizes: list[tuple[int, int]], group_size: int, rows: int,
     print(json.dumps({"schedule": results}, indent=2))
 
 
+def _restore_rank(rank: int, world: int, port: int, config_name: str, root: str) -> None:
+    import shutil
+
+    import torch
+    import torch.distributed as dist
+
+    from ssl_train.config import load_config
+    from ssl_train.train.checkpoint import load_checkpoint, save_checkpoint
+    from ssl_train.train.loop import Trainer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    torch.set_num_threads(1)
+    try:
+        config = load_config(config_name, [])
+        trainer = Trainer(config, "cpu", rank, world)
+        mine = Path(root, f"rank-{rank}")
+        mine.mkdir(parents=True)
+        started = time.perf_counter()
+        save_checkpoint(mine, trainer.model, trainer.optimizer, {"step": 0})
+        saved = time.perf_counter() - started
+        dist.barrier()
+        checkpoint = Path(root, "checkpoint")
+        if rank == 0:  # what Ray Train's persistence does: every worker's files in one place
+            checkpoint.mkdir()
+            for part in range(world):
+                for path in Path(root, f"rank-{part}").iterdir():
+                    shutil.copy(path, checkpoint / path.name)
+        dist.barrier()
+        restored_into = Trainer(config, "cpu", rank, world)
+        started = time.perf_counter()
+        restored = load_checkpoint(str(checkpoint), restored_into.model, restored_into.optimizer)
+        took = time.perf_counter() - started
+        rows = [None] * world
+        dist.all_gather_object(rows, {"rank": rank, "bytes_read": restored.bytes_read,
+                                      "restore_s": round(took, 2), "save_s": round(saved, 2)})
+        if rank == 0:
+            Path(root, "result.json").write_text(json.dumps(
+                {"config": config_name, "ranks": world, "checkpoint_bytes": restored.bytes_total,
+                 "parameters": sum(p.numel() for p in trainer.model.parameters()),
+                 "by_rank": rows}))
+    finally:
+        import gc
+
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def restore_benchmark(configs: list[str], world: int) -> None:
+    """Bytes read per rank on a restore at the same world size, for each config's checkpoint."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    results = []
+    for config_name in configs:
+        with tempfile.TemporaryDirectory(prefix="restore-") as root, socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+            free.close()
+            mp.spawn(_restore_rank, args=(world, port, config_name, root), nprocs=world)
+            result = json.loads(Path(root, "result.json").read_text())
+        total = result["checkpoint_bytes"]
+        read = [row["bytes_read"] for row in result["by_rank"]]
+        result.update({"checkpoint_mb": round(total / 1e6, 1),
+                       "read_mb_by_rank": [round(b / 1e6, 1) for b in read],
+                       "busiest_rank_fraction": round(max(read) / total, 3),
+                       "all_ranks_fraction": round(sum(read) / total, 3),
+                       "whole_copy_per_rank_mb": round(total / 1e6, 1)})
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    if len(results) > 1:
+        first, last = results[0], results[-1]
+        print(json.dumps({"growth": {
+            "checkpoint": round(last["checkpoint_bytes"] / first["checkpoint_bytes"], 2),
+            "busiest_rank_read": round(max(last["read_mb_by_rank"])
+                                       / max(first["read_mb_by_rank"]), 2)}}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -244,12 +330,17 @@ def main() -> None:
     schedule.add_argument("--rows", type=int, default=256)
     schedule.add_argument("--per-item", action="store_true",
                           help="the earlier design (an item per epoch and shard), to compare")
+    restore = commands.add_parser("restore", help="checkpoint bytes read per rank on restore")
+    restore.add_argument("--configs", nargs="+", default=["vit-s16", "vit-b16"])
+    restore.add_argument("--ranks", type=int, default=2)
     args = parser.parse_args()
     if args.command == "ledger":
         ledger_benchmark(args.nodes, sorted(args.days))
     elif args.command == "schedule":
         schedule_benchmark([tuple(map(int, size.split("x"))) for size in args.sizes],
                            args.group_size, args.rows, args.per_item)
+    elif args.command == "restore":
+        restore_benchmark(args.configs, args.ranks)
     else:
         counters_benchmark(args.images, args.epochs, args.repeats, args.workers)
 

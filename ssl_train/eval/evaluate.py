@@ -25,7 +25,7 @@ from pipelines.stream.sources import RAW_IMAGE_SUFFIXES
 from ssl_train.config import PretrainConfig
 from ssl_train.models.ssl_model import SSLModel
 from ssl_train.monitors.health import knn_accuracy
-from ssl_train.train.checkpoint import load_model_weights, local_copy, read_train_state
+from ssl_train.train.checkpoint import load_model_weights, read_train_state
 from ssl_train.train.step import normalize_views
 
 
@@ -39,8 +39,7 @@ def load_model(checkpoint: str, options: StorageOptions | None = None
     state = read_train_state(checkpoint, options)
     config = PretrainConfig.model_validate(state["config"])
     model = SSLModel(config)
-    with local_copy(checkpoint, options) as local_dir:
-        load_model_weights(local_dir, model, checkpoint)
+    load_model_weights(checkpoint, model, options)
     return model.eval(), config, state
 
 

@@ -46,7 +46,6 @@ from ssl_train.train.checkpoint import (
     checkpoint_dir_name,
     latest_complete_checkpoint,
     load_checkpoint,
-    local_copy,
     save_checkpoint,
 )
 from ssl_train.train.loop import Trainer, progress_line
@@ -183,21 +182,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     precision = trainer.precision
 
     step, cursor, samples_replayed = 0, DataCursor(seed=config.data.seed), 0
+    restore: dict[str, Any] = {}
     resume_uri = broadcast_object(
         latest_complete_checkpoint(run_uri, options) if is_chief else None)
     if resume_uri:
-        with local_copy(resume_uri, options) as local_dir:
-            state = load_checkpoint(local_dir, model, optimizer, resume_uri)
+        restored = load_checkpoint(resume_uri, model, optimizer, options)
+        state = restored.state
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
         cursor = DataCursor.from_dict(state["cursor"])
         replaying = int(state.get("samples_in_flight", 0))
         samples_replayed = int(state.get("samples_replayed", 0)) + replaying
+        read = gather_objects(restored.bytes_read)
+        restore = {"checkpoint_bytes": restored.bytes_total, "bytes_read_by_rank": read}
         if is_chief:
             _say(f"resumed from {resume_uri} at step {step} (data cursor: epoch "
                  f"{cursor.epoch}, {cursor.shards_consumed} shards consumed in order and "
                  f"{len(cursor.done)} after them; "
-                 f"{replaying} samples of shards in flight are read again)")
+                 f"{replaying} samples of shards in flight are read again; checkpoint of "
+                 f"{restored.bytes_total / 1e6:.1f} MB: {max(read) / 1e6:.1f} MB read by the "
+                 f"busiest rank, {sum(read) / 1e6:.1f} MB by all {world}, verified)")
     log = MetricsLog(run_uri, options, resume_step=step) if is_chief else None
     telemetry = TrainingTelemetry(config.run.name, rank, ray.get_runtime_context().get_node_id())
     if resume_uri:
@@ -207,7 +211,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         log.append({"step": step, "event": "resumed" if resume_uri else "started",
                     "checkpoint": resume_uri, "world_size": world, "nodes": nodes,
                     "samples_replayed": samples_replayed, "device": device.type,
-                    "precision": precision.as_record()})
+                    "precision": precision.as_record(), **restore})
 
     energy = EnergySettings(**loop_config["energy"]) if loop_config.get("energy") else None
     if energy is not None:

@@ -71,6 +71,19 @@ def _flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _flip_a_byte_of_the_model(checkpoint: Path, file_name: str) -> None:
+    """Change one byte in the middle of a model weight's piece of ``file_name`` (eval and export
+    read the model's pieces only, and only those are checked)."""
+    with open(checkpoint / ".metadata", "rb") as f:
+        metadata = pickle.load(f)  # the test's own checkpoint
+    piece = max((info for index, info in metadata.storage_data.items()
+                 if index.fqn.startswith("model.") and info.relative_path == file_name),
+                key=lambda info: info.length)
+    data = bytearray((checkpoint / file_name).read_bytes())
+    data[piece.offset + piece.length // 2] ^= 0xFF
+    (checkpoint / file_name).write_bytes(bytes(data))
+
+
 def _record_digests(checkpoint: Path) -> None:
     """Write or rewrite train_state.json so that it lists every other file at its current digest,
     as an attacker who can write the whole checkpoint would."""
@@ -107,7 +120,7 @@ def _steps(run_dir: Path) -> list[int]:
 
 def test_eval_refuses_a_shard_file_with_one_byte_changed(run_dir, tmp_path):
     checkpoint = run_dir / CHECKPOINT
-    _flip_a_byte(checkpoint / "__0_0.distcp")
+    _flip_a_byte_of_the_model(checkpoint, "__0_0.distcp")
     result = _ssl_pretrain("eval", str(checkpoint), "--data", "digits",
                            "--out", str(tmp_path / "result.json"), cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
@@ -119,7 +132,7 @@ def test_eval_refuses_a_shard_file_with_one_byte_changed(run_dir, tmp_path):
 def test_export_refuses_a_shard_file_with_one_byte_changed_and_writes_nothing(
         run_dir, tmp_path, capsys):
     checkpoint = run_dir / CHECKPOINT
-    _flip_a_byte(checkpoint / "__0_0.distcp")
+    _flip_a_byte_of_the_model(checkpoint, "__0_0.distcp")
     out = tmp_path / "exported"
     assert main(["export", str(checkpoint), str(out)]) == 2
     line = _one_error_line(capsys.readouterr().err, "export")
@@ -138,6 +151,20 @@ def test_resume_refuses_a_changed_latest_checkpoint_and_trains_nothing(run_dir):
     assert "refused" in message and "__1_0.distcp" in message, message
     assert _steps(run_dir) == steps_before == [1, 2]
     assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == [CHECKPOINT]
+
+
+def test_a_two_rank_resume_reads_each_rank_its_own_pieces_once(run_dir):
+    config = _config(run_dir.parent, "train.steps=4", "train.checkpoint_every=2")
+    train(config, log=lambda line: None)
+    assert _steps(run_dir) == [1, 2, 3, 4]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed = next(r for r in records if r.get("event") == "resumed")
+    files = json.loads((run_dir / CHECKPOINT / "train_state.json").read_text())["files"]
+    total = sum(entry["bytes"] for entry in files.values())
+    read = resumed["bytes_read_by_rank"]
+    assert resumed["checkpoint_bytes"] == total and len(read) == 2
+    # Each rank its own shards (and the small .metadata): not the whole checkpoint each.
+    assert max(read) < 0.6 * total and sum(read) < 1.1 * total, (read, total)
 
 
 # ---------------------------------------------------------------- code in a checkpoint
