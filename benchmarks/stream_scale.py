@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import subprocess
@@ -150,9 +151,11 @@ def counters_benchmark(images: int, epochs: int, repeats: int, workers: int) -> 
 
     from data_stage import SIZE, make_jpegs
 
+    from pipelines.cluster import ensure_ray
     from pipelines.ingest import IngestConfig, ingest
     from pipelines.stream.stage import DataConfig, DataStage
 
+    ensure_ray(num_cpus=(os.cpu_count() or 1) + 1)  # as data_stage.py and the launcher
     with tempfile.TemporaryDirectory(prefix="counters-bench-") as work:
         make_jpegs(Path(work) / "jpegs", images)
         ingest(str(Path(work) / "jpegs"), str(Path(work) / "shards"),
