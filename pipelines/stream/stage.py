@@ -178,7 +178,7 @@ class _Tally:
 
 def _epoch_groups(batch: dict[str, np.ndarray], shards: list, cursor: dict, first_epoch: int,
                   group_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """One epoch (a row of ``range``) -> its groups, one row each, ``GROUPS_PER_BLOCK`` at a
+    """One epoch (a row of the epochs' list) -> its groups, one row each, ``GROUPS_PER_BLOCK`` at a
     time. Rows carry the shards' JSON, so that read tasks need nothing else."""
     import ray
 
