@@ -14,10 +14,11 @@ touching pieces in one request, the requests concurrent), checking each against 
 before it is used: a restore at 512 ranks reads the checkpoint about once in all, not once a
 rank (plus, on every rank, ``.metadata`` and the values DCP stores once for all ranks). Small
 files (``.metadata``, the sidecars) are read whole and checked against their own SHA-256; a
-checkpoint written before the sidecars existed is read a whole file at a time. Loading never runs code from the checkpoint: a
-changed piece or file is refused, DCP's ``.metadata`` is unpickled with only DCP's own metadata
-classes allowed, and every other object is read with ``torch.load(weights_only=True)`` (DCP's
-default planner would unpickle non-tensor values freely).
+checkpoint written before the sidecars existed is read a whole file at a time. Loading never
+runs code from the checkpoint: a changed piece or file is refused, DCP's ``.metadata`` is
+unpickled with only DCP's own metadata classes allowed, and every other object is read with
+``torch.load(weights_only=True)`` (DCP's default planner would unpickle non-tensor values
+freely).
 """
 
 from __future__ import annotations
