@@ -118,9 +118,10 @@ def save_checkpoint(
 def _write_piece_digests(local_dir: Path, metadata: Metadata) -> None:
     """Beside each data file this rank wrote, the SHA-256 of every piece in it (every rank has
     the whole checkpoint's metadata after ``dcp.save``; each hashes only its own files)."""
+    mine = {path.name for path in local_dir.iterdir() if path.is_file()}
     pieces: dict[str, set[tuple[int, int]]] = {}
     for info in metadata.storage_data.values():
-        if (local_dir / info.relative_path).is_file():
+        if info.relative_path in mine:
             pieces.setdefault(info.relative_path, set()).add((info.offset, info.length))
     for name, spans in pieces.items():
         with open(local_dir / name, "rb") as f:
@@ -192,6 +193,7 @@ class VerifyingReader(dcp.StorageReader):
         self.fs, self.root = open_filesystem(self.uri, options)
         self.storage_data: dict[Any, Any] = {}
         self.bytes_read = 0
+        self._metadata: Metadata | None = None  # read once: _load checks it before dcp.load
         self._pieces: dict[str, dict[tuple[int, int], str] | None] = {}
 
     # What DCP calls.
@@ -199,10 +201,12 @@ class VerifyingReader(dcp.StorageReader):
         self.storage_data = {}
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        metadata = _unpickle_metadata(self._whole(".metadata"))
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        return metadata
+        if self._metadata is None:
+            metadata = _unpickle_metadata(self._whole(".metadata"))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            self._metadata = metadata
+        return self._metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any,
                               **kwargs: Any) -> None:
@@ -239,16 +243,11 @@ class VerifyingReader(dcp.StorageReader):
         return done
 
     # How it reads.
-    def _fetch(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
+    def _storage(self, name: str, fn, *args: Any, **kwargs: Any):
         if name not in self.files:
             raise CheckpointError(f"checkpoint {self.uri} lacks {name} in its {TRAIN_STATE}: "
                                   "load another one")
-        data = self._storage(name, self.fs.cat_file, posixpath.join(self.root, name),
-                             start=start, end=end)
-        self.bytes_read += len(data)
-        return data
 
-    def _storage(self, name: str, fn, *args: Any, **kwargs: Any):
         def call():
             try:
                 return fn(*args, **kwargs)
@@ -265,7 +264,8 @@ class VerifyingReader(dcp.StorageReader):
             "from the one before it")
 
     def _whole(self, name: str) -> bytes:
-        data = self._fetch(name)
+        data = self._storage(name, self.fs.cat_file, posixpath.join(self.root, name))
+        self.bytes_read += len(data)
         expected = self.files[name]
         if (len(data), hashlib.sha256(data).hexdigest()) != (expected["bytes"],
                                                               expected["sha256"]):
@@ -296,9 +296,10 @@ class VerifyingReader(dcp.StorageReader):
             else:
                 runs.append([(offset, length)])
         batch: list[list[tuple[int, int]]] = []
+        held = 0
         for index, run in enumerate(runs):
             batch.append(run)
-            held = sum(r[-1][0] + r[-1][1] - r[0][0] for r in batch)
+            held += run[-1][0] + run[-1][1] - run[0][0]
             if index + 1 < len(runs) and held < READ_WINDOW:
                 continue
             for run_of, data in zip(batch, self._fetch_ranges(name, batch)):
@@ -309,7 +310,7 @@ class VerifyingReader(dcp.StorageReader):
                     if expected is None or hashlib.sha256(piece).hexdigest() != expected:
                         raise self._refuse(f"{name} at bytes {offset}-{offset + length}")
                     yield (offset, length), piece
-            batch = []
+            batch, held = [], 0
 
     def _fetch_ranges(self, name: str, runs: list[list[tuple[int, int]]]) -> list[bytes]:
         """The bytes of each run, in one call (concurrent ranged reads on object storage)."""
