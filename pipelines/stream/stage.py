@@ -3,15 +3,22 @@
     epochs from the cursor (one row each)
       -> the epoch's groups: its seeded permutation, less what the cursor covers, cut into
          groups of ``read_shards_at_once`` (one task at a time, one block a group)
-      -> read a group (I/O tasks of ``read_cpus``): its shards read side by side, their samples
-         interleaved in turn; a damaged shard is counted and the stream goes on
-      -> decode, filter, cut views (an actor pool on CPU resources)
-      -> the views the objectives declared (uint8), [photometric parameters], epoch, position
+      -> a view worker (an actor pool, a CPU each) takes a group: reads its shards side by side
+         (a thread each), their samples interleaved in turn, and cuts the views of each
+         ``view_batch_size`` samples as they arrive (decode, filter, crop); a damaged shard is
+         counted and the stream goes on
+      -> the views the objectives declared (uint8), [photometric parameters], epoch, position:
+         one block a view batch
 
 Nothing on the driver grows with epochs x shards: the groups are made by a task, an epoch at a
-time, as the stream needs them. Groups finish in any order (no ``preserve_order``), so a slow
-read holds back only its own group while the other read tasks go on. Within a group the order is
-fixed (shard by shard in turn), so a retried task yields the same samples in the same order.
+time, as the stream needs them. Groups finish in any order (no ``preserve_order``) and go to
+idle workers only, so a slow read holds back only its own group and its worker while the other
+workers go on. Within a group the order is fixed (shard by shard in turn), so a retried group
+yields the same samples in the same order.
+
+The reads are in the view workers, not tasks of their own: Ray Data hands a map task's output
+on in blocks of up to 128 MiB, so separate read tasks gave each group to one view worker as one
+block, once read, and left the others idle (docs/benchmarks.md, "Data stage throughput").
 
 The dataset feeds ``ray.train.get_dataset_shard(...).iter_torch_batches(...)`` under Ray Train,
 or is iterated directly (``DataStage.iter_batches``) for benchmarks and debugging. Every image
@@ -25,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import queue
 import threading
 import time
@@ -56,7 +62,6 @@ from pipelines.views.quality import QualityConfig
 
 logger = logging.getLogger(__name__)
 
-READ_BATCH = 32  # samples per block leaving a read task
 READ_AHEAD = 8  # samples each shard of a group reads ahead of the interleave
 GROUPS_PER_BLOCK = 256  # groups the schedule task emits at once
 EPOCH_BLOCKS = 256  # blocks of the epochs' rows (a task takes one epoch at a time regardless)
@@ -71,17 +76,11 @@ class DataConfig(StrictSection):
     augment: AugmentConfig = AugmentConfig()
     seed: int = 0
     epochs: Annotated[int, Field(ge=1)] = 1000
-    # Shards one read task reads side by side; a batch mixes their samples in turn.
+    # Shards a view worker reads side by side; a batch mixes their samples in turn.
     read_shards_at_once: Annotated[int, Field(ge=1)] = 16
-    # A read task waits on storage, mostly: it reserves none of a CPU by default, so that the
-    # view workers can never starve it (a stream whose reads cannot be scheduled waits for ever)
-    # and a node runs several. (Not 1: Ray Data would then fuse the reads into the view
-    # workers' actors.)
-    read_cpus: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    # At most this many read tasks at once. None: one per 4 view workers, at least 2 (so that a
-    # straggler holds only one of them); each one is a process.
-    read_tasks: Annotated[int, Field(ge=1)] | None = None
-    view_workers: Annotated[int, Field(ge=1)] = 2  # upper bound of the decode/augment actor pool
+    # Actors that read groups and cut their views (each reads a group's shards side by side
+    # in threads, and takes one CPU).
+    view_workers: Annotated[int, Field(ge=1)] = 2
     view_batch_size: Annotated[int, Field(ge=1)] = 32
 
 
@@ -140,7 +139,7 @@ def _telemetry(run: str):
 
 
 class _Tally:
-    """What one task or view worker counted: exported at once as this process's Prometheus
+    """What one view worker counted: exported at once as this process's Prometheus
     series, sent to the ledger in batches (fire and forget). ``add`` never blocks."""
 
     def __init__(self, ledger, run: str, worker: str | None = None):
@@ -239,86 +238,65 @@ def _read_into(shard: ShardRef, source: SourceConfig, options: StorageOptions, s
         sink.put(_End(err))
 
 
-def _read_group(batch: dict[str, np.ndarray], source: SourceConfig, options: StorageOptions,
-                ledger, run: str, process_hook: Callable[[], None] | None = None
-                ) -> Iterator[dict[str, Any]]:
-    """A group's shards read side by side (a thread each), their samples taken in turn: the
-    same order on any rerun, and a batch draws on every shard of the group."""
-    if process_hook is not None:
-        process_hook()
-    tally = _Tally(ledger, run)
-    for epoch, group_json in zip(batch["epoch"].tolist(), batch["group"]):
-        group = [(int(p), ShardRef.from_json(ref)) for p, ref in json.loads(str(group_json))]
-        sinks = [queue.Queue(maxsize=READ_AHEAD) for _ in group]
-        stats = [ReadStats() for _ in group]
-        counted = [Counter() for _ in group]
-        cancelled = threading.Event()
-        threads = [threading.Thread(target=_read_into, daemon=True,
-                                    args=(shard, source, options, stats[i], sinks[i], cancelled))
-                   for i, (_, shard) in enumerate(group)]
-        for thread in threads:
-            thread.start()
-        keys: list[str] = []
-        datas: list[bytes] = []
-        positions: list[int] = []
-
-        def flush():
-            out = {"key": np.array(keys, dtype=object), "data": np.array(datas, dtype=object),
-                   "epoch": np.full(len(keys), epoch, dtype=np.int64),
-                   "position": np.array(positions, dtype=np.int64)}
-            keys.clear()
-            datas.clear()
-            positions.clear()
-            return out
-
-        try:
-            active = list(range(len(group)))
-            while active:
-                for i in list(active):
-                    item = sinks[i].get()
-                    position, shard = group[i]
-                    if not isinstance(item, _End):
-                        key, data = item
-                        keys.append(key)
-                        datas.append(data)
-                        positions.append(position)
-                        counted[i]["images_read"] += 1
-                        counted[i]["bytes_read"] += len(data)
-                        if len(keys) == READ_BATCH:
-                            yield flush()
-                        continue
-                    active.remove(i)
-                    if item.error is not None:
-                        err = item.error
-                        # Storage that stays down after every retry stops the stream (the run
-                        # resumes later from its checkpoint); skipping would silently drop good
-                        # shards. Anything else but a damaged shard is a bug and stops it too.
-                        if isinstance(err, StorageUnavailable):
-                            raise err
-                        if unavailable_reason(err):
-                            raise explain(err, shard.uri, options) from err
-                        if not isinstance(err, (ShardError, StorageError, OSError, ValueError)):
-                            raise err
-                        counted[i]["shard_errors"] += 1
-                        logger.warning("skipping the rest of shard %s: %s", shard.uri, item.error)
-                    counted[i]["shards_read"] += 1
-                    counted[i].update({f"skipped_{k}": v
-                                       for k, v in stats[i].skipped_members.items()})
-                    tally.add(counted[i])
-                    tally.shard_read((epoch, position), counted[i]["images_read"])
-                    tally.flush()  # once a shard, not waited on
-            if keys:
-                yield flush()
-        finally:
-            cancelled.set()
-    tally.flush()
+def _interleave(epoch: int, group: list[tuple[int, ShardRef]], source: SourceConfig,
+                options: StorageOptions, tally: _Tally) -> Iterator[tuple[str, bytes, int]]:
+    """(key, bytes, position) of a group's samples: its shards read side by side (a thread
+    each, ``READ_AHEAD`` samples ahead), their samples taken in turn, so that the order is the
+    same on any rerun and a batch draws on every shard of the group. A damaged shard is counted
+    and the rest go on; storage that stays down stops the stream."""
+    sinks = [queue.Queue(maxsize=READ_AHEAD) for _ in group]
+    stats = [ReadStats() for _ in group]
+    counted = [Counter() for _ in group]
+    cancelled = threading.Event()
+    threads = [threading.Thread(target=_read_into, daemon=True,
+                                args=(shard, source, options, stats[i], sinks[i], cancelled))
+               for i, (_, shard) in enumerate(group)]
+    for thread in threads:
+        thread.start()
+    try:
+        active = list(range(len(group)))
+        while active:
+            for i in list(active):
+                item = sinks[i].get()
+                position, shard = group[i]
+                if not isinstance(item, _End):
+                    key, data = item
+                    counted[i]["images_read"] += 1
+                    counted[i]["bytes_read"] += len(data)
+                    yield key, data, position
+                    continue
+                active.remove(i)
+                if item.error is not None:
+                    err = item.error
+                    # Storage that stays down after every retry stops the stream (the run
+                    # resumes later from its checkpoint); skipping would silently drop good
+                    # shards. Anything else but a damaged shard is a bug and stops it too.
+                    if isinstance(err, StorageUnavailable):
+                        raise err
+                    if unavailable_reason(err):
+                        raise explain(err, shard.uri, options) from err
+                    if not isinstance(err, (ShardError, StorageError, OSError, ValueError)):
+                        raise err
+                    counted[i]["shard_errors"] += 1
+                    logger.warning("skipping the rest of shard %s: %s", shard.uri, item.error)
+                counted[i]["shards_read"] += 1
+                counted[i].update({f"skipped_{k}": v
+                                   for k, v in stats[i].skipped_members.items()})
+                tally.add(counted[i])
+                tally.shard_read((epoch, position), counted[i]["images_read"])
+                tally.flush()  # once a shard, not waited on
+    finally:
+        cancelled.set()
 
 
 class _ViewMaker:
-    """An actor of the decode/augment pool: bytes in, views out, drops counted by reason."""
+    """An actor of the stage's pool: groups in, views out. It reads a group's shards itself
+    (threads that wait on storage) and cuts the views of every ``batch_size`` samples as they
+    arrive; drops are counted by reason."""
 
     def __init__(self, image_size: int, augment: AugmentConfig, quality: QualityConfig,
-                 seed: int, ledger, run: str, process_hook: Callable[[], None] | None = None,
+                 seed: int, source: SourceConfig, options: StorageOptions, batch_size: int,
+                 ledger, run: str, process_hook: Callable[[], None] | None = None,
                  views: tuple[ViewSpec, ...] | list[ViewSpec] = HYBRID_VIEWS):
         if process_hook is not None:
             process_hook()
@@ -327,6 +305,7 @@ class _ViewMaker:
         self.augment = augment
         self.quality = quality
         self.seed = seed
+        self.source, self.options, self.batch_size = source, options, batch_size
         self.tally = _Tally(ledger, run, worker=uuid.uuid4().hex)
 
     def __del__(self):
@@ -336,22 +315,34 @@ class _ViewMaker:
         if tally is not None:
             tally.flush(closing=True)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for epoch, group_json in zip(batch["epoch"].tolist(), batch["group"]):
+            group = [(int(p), ShardRef.from_json(ref)) for p, ref in json.loads(str(group_json))]
+            samples: list[tuple[str, bytes, int]] = []
+            for sample in _interleave(epoch, group, self.source, self.options, self.tally):
+                samples.append(sample)
+                if len(samples) == self.batch_size:
+                    yield self.cut(epoch, samples)
+                    samples = []
+            if samples:
+                yield self.cut(epoch, samples)
+        self.tally.flush()
+
+    def cut(self, epoch: int, samples: list[tuple[str, bytes, int]]) -> dict[str, np.ndarray]:
+        """The views of ``samples`` (one epoch's), the rejected ones counted and left out."""
         rows: list[dict[str, np.ndarray]] = []
-        epochs, positions = [], []
+        positions = []
         dropped: Counter = Counter()
-        for key, data, epoch, position in zip(batch["key"], batch["data"], batch["epoch"],
-                                              batch["position"]):
+        for key, data, position in samples:
             # Views depend on (seed, epoch, key) only: the same in any actor, on any rerun.
-            rng = np.random.default_rng([self.seed, int(epoch), _stable_hash(str(key))])
+            rng = np.random.default_rng([self.seed, epoch, _stable_hash(key)])
             try:
                 rows.append(make_views(data, rng, self.image_size, self.augment, self.quality,
                                        self.views))
             except Rejected as rejected:
                 dropped[f"dropped_{rejected.reason}"] += 1
-                self.tally.sample_dropped((int(epoch), int(position)), str(key))
+                self.tally.sample_dropped((epoch, position), key)
                 continue
-            epochs.append(epoch)
             positions.append(position)
         self.tally.add({**dropped, "images_emitted": len(rows)})
         out = {}
@@ -367,7 +358,7 @@ class _ViewMaker:
                     out[name] = np.zeros((0, len(PHOTOMETRIC_FIELDS)), dtype=np.float32)
                 else:
                     out[name] = np.zeros((0, size, size, 3), dtype=np.uint8)
-        out["epoch"] = np.array(epochs, dtype=np.int64)
+        out["epoch"] = np.full(len(positions), epoch, dtype=np.int64)
         out["position"] = np.array(positions, dtype=np.int64)
         return out
 
@@ -419,41 +410,56 @@ class DataStage:
         import ray.data
 
         self._check_cpus()
-        reads = self.config.read_tasks or max(2, math.ceil(self.config.view_workers / 4))
         ds = self.schedule().map_batches(
-            _read_group, batch_size=1, num_cpus=self.config.read_cpus,
-            compute=ray.data.TaskPoolStrategy(size=reads),
-            fn_kwargs={"source": self.config.source, "options": self.options,
-                       "ledger": self._ledger, "run": self.run_name,
-                       "process_hook": self.process_hook},
-        )
-        ds = ds.map_batches(
             _ViewMaker,
-            batch_size=self.config.view_batch_size,
+            batch_size=1,  # a group a call
             num_cpus=1,
-            compute=ray.data.ActorPoolStrategy(size=self.config.view_workers),
+            # A group goes to an idle worker only: queued behind a straggling group on a busy
+            # one, it would wait for the straggler. (The price: a worker idles while the next
+            # group is handed over, 0.12-0.16 s on the 2-core development machine, against
+            # some 40 s of cutting in a group of 16 shards of 2,500 images.)
+            compute=ray.data.ActorPoolStrategy(size=self.config.view_workers,
+                                               max_tasks_in_flight_per_actor=1),
             fn_constructor_kwargs={
                 "image_size": self.image_size, "augment": self.config.augment,
                 "quality": self.config.quality, "seed": self.config.seed,
+                "source": self.config.source, "options": self.options,
+                "batch_size": self.config.view_batch_size,
                 "ledger": self._ledger, "run": self.run_name, "process_hook": self.process_hook,
                 "views": self.views,
             },
         )
         ds.context.execution_options.preserve_order = False
+        # Ray Data merges what a task yields into blocks of up to ``target_max_block_size``
+        # (128 MiB: some 290 images of the hybrid's views at 224 px), and a block leaves the
+        # worker only once it is full. Sized just under one view batch, each batch leaves as
+        # it is cut (not sliced either: Ray Data slices blocks of 1.5 times the target or more).
+        ds.context.target_max_block_size = int(0.8 * self.batch_bytes())
         return ds
+
+    def batch_bytes(self) -> int:
+        """The bytes of one full view batch: every view's pixels, photometric parameters."""
+        on_device = self.config.augment.photometric_on == "device"
+        row = 16  # epoch, position
+        for view in self.views:
+            size = view.size or self.image_size
+            row += size * size * 3
+            if on_device and view.photometric:
+                row += 4 * len(PHOTOMETRIC_FIELDS)
+        return row * self.config.view_batch_size
 
     def _check_cpus(self) -> None:
         """Refuse a stage whose view workers would take every CPU: Ray Data then schedules none
-        of the other operators (the schedule, the reads: measured on Ray 2.60, 2 CPUs and 2 view
+        of the other operators (the schedule: measured on Ray 2.60, 2 CPUs and 2 view
         workers), and the stream would wait for ever."""
         cpus = self.ray.cluster_resources().get("CPU", 0)
-        views, read = self.config.view_workers, self.config.read_cpus
-        if cpus < views + max(read, 1):
+        views = self.config.view_workers
+        if cpus < views + 1:
             raise ConfigError(
                 f"data.view_workers ({views}) take {views} of this Ray cluster's {cpus:g} CPUs, "
-                f"leaving less than one CPU for the rest of the stream (its schedule and read "
-                f"tasks, data.read_cpus {read:g} each): the stream would never start. Lower "
-                f"data.view_workers or give the cluster more CPUs")
+                f"leaving less than one CPU for the rest of the stream (its schedule): the "
+                f"stream would never start. Lower data.view_workers or give the cluster more "
+                f"CPUs")
 
     def tracker(self) -> CursorTracker:
         return CursorTracker(self.start)
