@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None,
@@ -23,14 +24,48 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
         address = address or os.environ.get("RAY_ADDRESS") or None
         local = {"num_cpus": num_cpus} if not address else {}
         if not address and metrics_port:
-            local["_metrics_export_port"] = metrics_port
+            local["_metrics_export_port"] = _free_or_another(metrics_port)
         if not address:  # Ray's notice of its default, for a cluster this process owns
             _quiet_token_notice()
+            # (Not on a cluster's job: a job submitted with a runtime environment keeps its own.)
+            local["runtime_env"] = _quiet_ray_warnings()
         context = ray.init(address=address, logging_level=logging.WARNING,
                            configure_logging=True, **local)
         if not address:
             print(describe_local(context), flush=True)
     return ray
+
+
+# Ray Train 2.60's DatasetManager builds Ray Data's ExecutionOptions with an option Ray itself
+# deprecated: its RayDeprecationWarning reached the console from that actor on every run. Ray's
+# own code, nothing a user can change; Ray's other warnings still show.
+RAY_OWN_WARNINGS = ("ignore:`ExecutionOptions.exclude_resources` is deprecated"
+                    ":DeprecationWarning",)
+
+
+def _quiet_ray_warnings() -> dict:
+    """The job's runtime environment: Ray's processes ignore ``RAY_OWN_WARNINGS`` (and keep
+    any PYTHONWARNINGS of this environment)."""
+    given = os.environ.get("PYTHONWARNINGS")
+    return {"env_vars": {"PYTHONWARNINGS": ",".join([*RAY_OWN_WARNINGS, *([given] if given
+                                                                         else [])])}}
+
+
+def _free_or_another(port: int) -> int:
+    """``port`` if nothing listens on it, else a free one, said on the console: a second local
+    run beside the first must not die in Ray's start-up on the first's metrics port."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", port))
+            return port
+        except OSError:
+            pass
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        free = probe.getsockname()[1]
+    print(f"metrics port {port} is taken (another local run?): this run's metrics are on port "
+          f"{free}", flush=True)
+    return free
 
 
 def describe_local(context) -> str:

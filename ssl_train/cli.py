@@ -51,9 +51,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(dump_config(config), end="")
         return 0
     from ssl_train.runtime.launcher import train
+    from ssl_train.runtime.lease import RunInUse
 
-    train(config, address=args.address, options=_storage_options(args),
-          slice_steps=args.slice_steps)
+    try:
+        train(config, address=args.address, options=_storage_options(args),
+              slice_steps=args.slice_steps)
+    except RunInUse as err:
+        raise UsageError(str(err)) from None
     return 0
 
 
@@ -171,21 +175,36 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from ssl_train.eval.evaluate import evaluate, result_table, write_result
+def _checkpoint_of(source: str, options) -> str:
+    """The checkpoint a command reads: SOURCE itself, or the latest complete one of the run
+    directory SOURCE (said on the console)."""
+    from ssl_train.train.checkpoint import resolve_checkpoint
 
-    result = evaluate(args.checkpoint, args.data, _storage_options(args),
+    checkpoint = resolve_checkpoint(source, options)
+    if checkpoint != source:
+        print(f"using {checkpoint}, the latest complete checkpoint of {source}")
+    return checkpoint
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ssl_train.eval.evaluate import default_result_path, evaluate, result_table, write_result
+
+    options = _storage_options(args)
+    checkpoint = _checkpoint_of(args.checkpoint, options)
+    result = evaluate(checkpoint, args.data, options,
                       k=args.k, temperature=args.temperature, shots=args.shots,
                       seeds=args.seeds, test_fraction=args.test_fraction)
     print(result_table(result))
-    print(f"result: {write_result(result, args.out)}")
+    out = args.out or default_result_path(checkpoint)
+    print(f"result: {write_result(result, out, options)}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ssl_train.eval.export import export
 
-    weights = export(args.checkpoint, args.out, _storage_options(args))
+    options = _storage_options(args)
+    weights = export(_checkpoint_of(args.checkpoint, options), args.out, options)
     print(f"wrote {weights} and {weights.parent / 'config.json'}")
     return 0
 
@@ -202,8 +221,10 @@ def _shots(text: str) -> list[int]:
 
 def cmd_energy_report(args: argparse.Namespace) -> int:
     from ssl_train.energy.report import write_report
+    from ssl_train.train.checkpoint import run_directory
 
-    write_report(args.run_dir, _storage_options(args), out=args.out)
+    options = _storage_options(args)
+    write_report(run_directory(args.run_dir, options), options, out=args.out)
     return 0
 
 
@@ -276,8 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=cmd_train)
 
     evaluate = commands.add_parser("eval", help="kNN and linear-probe accuracy of a checkpoint")
-    evaluate.add_argument("checkpoint", type=_storage_url,
-                          help="checkpoint directory (local path or fsspec URL)")
+    evaluate.add_argument("checkpoint", type=_storage_url, metavar="RUN_DIR_OR_CHECKPOINT",
+                          help="a run directory (its latest complete checkpoint is used) or a "
+                          "checkpoint directory; local path or fsspec URL")
     evaluate.add_argument("--data", default="digits",
                           help="labelled data: 'digits' (scikit-learn's, default), a folder with "
                           "one sub-folder per class, or a folder of WebDataset shards with a cls "
@@ -291,13 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="few-shot repetitions (5)")
     evaluate.add_argument("--test-fraction", type=float, default=0.5,
                           help="share of each class held out for testing (0.5)")
-    evaluate.add_argument("--out", default="eval_result.json", help="result JSON path")
+    evaluate.add_argument("--out", help="result JSON path or URL (default: "
+                          "eval_result_<checkpoint>.json in the run directory)")
     _add_storage_arguments(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
 
     export = commands.add_parser("export", help="write the encoder alone as timm safetensors")
-    export.add_argument("checkpoint", type=_storage_url,
-                        help="checkpoint directory (local path or fsspec URL)")
+    export.add_argument("checkpoint", type=_storage_url, metavar="RUN_DIR_OR_CHECKPOINT",
+                        help="a run directory (its latest complete checkpoint is used) or a "
+                        "checkpoint directory; local path or fsspec URL")
     export.add_argument("out", help="output directory")
     _add_storage_arguments(export)
     export.set_defaults(handler=cmd_export)
@@ -305,8 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     energy = commands.add_parser(
         "energy-report", help="energy and carbon report of a run from its ledger"
     )
-    energy.add_argument("run_dir", type=_storage_url,
-                        help="run directory (local path or fsspec URL)")
+    energy.add_argument("run_dir", type=_storage_url, metavar="RUN_DIR_OR_CHECKPOINT",
+                        help="run directory, or one of its checkpoints (local path or fsspec "
+                        "URL)")
     energy.add_argument("--out", help="write the report here instead of into RUN_DIR")
     _add_storage_arguments(energy)
     energy.set_defaults(handler=cmd_energy_report)

@@ -52,7 +52,13 @@ def test_train_runs_on_the_sample_photographs_and_writes_a_run_directory(tmp_pat
     assert result.stdout.count("local Ray cluster at ") == 1
     assert "dashboard http://" in result.stdout and "token authentication on" in result.stdout
     assert "Token authentication is enabled" not in result.stdout + result.stderr
+    # One progress line a log step and nothing else a step: no result dumps from Ray Train,
+    # no Python warnings.
+    console = result.stdout + result.stderr
+    assert "Reporting training result" not in console
+    assert "Warning" not in console, [line for line in console.splitlines() if "Warning" in line]
     assert f"run directory: {tmp_path}/smoke" in result.stdout
+    assert not (tmp_path / "smoke" / "run.lease.json").exists()  # released at the end
     records = [json.loads(line) for line in
                (tmp_path / "smoke" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "event" not in r] == [1, 2, 3]
@@ -68,3 +74,30 @@ def test_train_runs_on_the_sample_photographs_and_writes_a_run_directory(tmp_pat
     again = _ssl_pretrain("train", "--set", "train.steps=3", "--set", f"run.output_dir={tmp_path}",
                           "--set", "run.name=smoke")
     assert again.returncode == 0 and "is complete at step 3" in again.stdout
+
+
+def test_two_local_runs_on_separate_run_directories_both_complete(tmp_path):
+    executable = Path(sys.executable).parent / "ssl-pretrain"
+
+    def start(name: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [str(executable), "train", "--set", "train.steps=2", "--set",
+             "train.checkpoint_every=2", "--set", f"run.output_dir={tmp_path}", "--set",
+             f"run.name={name}", "--set", "energy.enabled=false"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    first = start("first")
+    seen = ""
+    while "local Ray cluster at" not in seen:  # the first run's cluster holds its ports
+        line = first.stdout.readline()
+        assert line, seen[-3000:]
+        seen += line
+    second = start("second")
+    second_out, _ = second.communicate(timeout=600)
+    first_out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, (seen + first_out)[-3000:]
+    assert second.returncode == 0, second_out[-3000:]
+    # The second run's metrics moved off the first's port, and it said so.
+    assert "metrics port 8090 is taken" in second_out
+    for name in ("first", "second"):
+        assert (tmp_path / name / "checkpoint_000000002" / "train_state.json").is_file()

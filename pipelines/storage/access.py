@@ -197,7 +197,8 @@ def explain(err: BaseException, url: str, options: StorageOptions | None = None)
     if isinstance(err, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
         return StorageError(f"access denied to {where}: check the credentials' permissions")
     if isinstance(err, FileNotFoundError):
-        return StorageError(f"{where} does not exist (or its bucket does not)")
+        bucket = " (or its bucket does not)" if is_remote(url) else ""
+        return StorageError(f"{where} does not exist{bucket}")
     return StorageError(f"storage error on {where}: {name}: {text.splitlines()[0] if text else ''}")
 
 

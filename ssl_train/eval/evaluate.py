@@ -202,8 +202,18 @@ def result_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_result(result: dict[str, Any], out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+def write_result(result: dict[str, Any], out: str | Path,
+                 options: StorageOptions | None = None) -> str:
+    """``result`` as JSON at ``out`` (a local path or an fsspec URL); returns where."""
+    out = str(out)
+    fs, path = open_filesystem(out, options)
+    storage_call(out, options, fs.makedirs, posixpath.dirname(path) or ".", exist_ok=True)
+    storage_call(out, options, fs.pipe_file, path, json.dumps(result, indent=2).encode())
     return out
+
+
+def default_result_path(checkpoint: str) -> str:
+    """Where ``eval`` writes by default: beside the checkpoint, in its run directory."""
+    checkpoint = checkpoint.rstrip("/")
+    run_dir, name = posixpath.dirname(checkpoint), posixpath.basename(checkpoint)
+    return f"{run_dir}/eval_result_{name}.json"

@@ -33,6 +33,7 @@ from pipelines.storage.access import (
 from pipelines.stream.cursor import DataCursor
 from pipelines.stream.sources import list_shards
 from ssl_train.config import PretrainConfig
+from ssl_train.runtime.lease import RunLease
 from ssl_train.train.checkpoint import CheckpointError, latest_complete_checkpoint, read_train_state
 
 SAMPLE_SHARDS = "sample-shards"
@@ -171,6 +172,20 @@ def train(config: PretrainConfig, address: str | None = None,
     # The data must be there (and readable with these credentials) before any cluster work.
     shards = list_shards(config.data.source, options) if config.data.source.url else None
     check_run_directory(run_uri, options)
+    # One live run per run directory: a second one (an overlapping scheduled slice, a
+    # colleague's run) would write the same checkpoints.
+    with RunLease(run_uri, options, log):
+        _train_holding_the_lease(config, address, options, log, run_uri, resume, done,
+                                 stop_step, shards)
+    log(f"run directory: {run_uri} (checkpoints, metrics.jsonl, energy ledger and report)")
+    return run_uri
+
+
+def _train_holding_the_lease(config: PretrainConfig, address: str | None,
+                             options: StorageOptions, log: Callable[[str], None], run_uri: str,
+                             resume: str | None, done: int, stop_step: int,
+                             shards: list | None) -> None:
+    """``train`` once its checks passed and it holds the run directory's lease."""
     ensure_ray(address, num_cpus=local_cpus(config), metrics_port=config.telemetry.metrics_port)
     if shards is None:
         url = ensure_sample_shards(config, options, log)
@@ -211,9 +226,15 @@ def train(config: PretrainConfig, address: str | None = None,
         latest = latest_complete_checkpoint(run_uri, options)
         cursor = (DataCursor.from_dict(read_train_state(latest, options)["cursor"]) if latest
                   else DataCursor(seed=config.data.seed))
-        return DataStage(config.data, image_size, options, cursor=cursor,
-                         run_name=config.run.name, process_hook=hook,
-                         views=config.views(), ledger_name=ledger_name).dataset()
+        ds = DataStage(config.data, image_size, options, cursor=cursor,
+                       run_name=config.run.name, process_hook=hook,
+                       views=config.views(), ledger_name=ledger_name).dataset()
+        # The training progress line is the run's one line a step: Ray Data's bars and
+        # per-operator lines would interleave with it (the data stage has its own metrics).
+        ds.context.enable_progress_bars = False
+        ds.context.enable_operator_progress_bars = False
+        ds.context.print_on_execution_start = False
+        return ds
 
     storage_path, storage_fs = _storage_filesystem(config.run.output_dir, options)
     loop_config: dict[str, Any] = {
@@ -255,5 +276,3 @@ def train(config: PretrainConfig, address: str | None = None,
         from ssl_train.energy.report import write_report
 
         write_report(run_uri, options, log=log)
-    log(f"run directory: {run_uri} (checkpoints, metrics.jsonl, energy ledger and report)")
-    return run_uri

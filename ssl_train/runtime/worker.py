@@ -58,6 +58,17 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
+def _quiet_report_dumps() -> None:
+    """Ray Train logs each ``ray.train.report`` of every rank with its whole metrics dict, at
+    INFO, on the driver's console; the progress line already says what matters, and
+    metrics.jsonl keeps everything. Its warnings and errors still show."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # Ray names it by its file
+
+
 HEALTH_ROWS = 1024  # the held rows of all ranks together the signals are computed on, at most
 
 
@@ -169,6 +180,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    _quiet_report_dumps()
     config = PretrainConfig.model_validate(loop_config["config"])
     options = StorageOptions(**loop_config["storage"])
     run_uri = loop_config["run_uri"]

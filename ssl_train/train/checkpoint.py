@@ -431,6 +431,36 @@ def latest_complete_checkpoint(run_uri: str, options: StorageOptions | None = No
     return None
 
 
+def is_checkpoint(uri: str, options: StorageOptions | None = None) -> bool:
+    """True if ``uri`` is a checkpoint directory (it holds a train state), not a run directory."""
+    fs, path = open_filesystem(uri, options)
+    return bool(storage_call(uri, options, fs.exists, posixpath.join(path, TRAIN_STATE)))
+
+
+def resolve_checkpoint(uri: str, options: StorageOptions | None = None) -> str:
+    """``uri`` when it is a checkpoint, else the latest complete checkpoint of the run directory
+    ``uri``; neither is refused in one sentence."""
+    if is_checkpoint(uri, options):
+        return uri
+    fs, path = open_filesystem(uri, options)
+    if not storage_call(uri, options, fs.exists, path):
+        where = (options or StorageOptions()).describe(uri)
+        raise CheckpointError(f"{where} does not exist: give a run directory or one of its "
+                              f"{CHECKPOINT_PREFIX}NNNNNNNNN folders")
+    latest = latest_complete_checkpoint(uri, options)
+    if latest is None:
+        raise CheckpointError(f"{uri} holds no complete checkpoint: give a run directory whose "
+                              f"training wrote one, or one of its {CHECKPOINT_PREFIX}NNNNNNNNN "
+                              "folders")
+    return latest
+
+
+def run_directory(uri: str, options: StorageOptions | None = None) -> str:
+    """The run directory of ``uri``: itself, or the one a checkpoint directory sits in."""
+    uri = uri.rstrip("/")
+    return posixpath.dirname(uri) if is_checkpoint(uri, options) else uri
+
+
 def read_train_state(uri: str, options: StorageOptions | None = None) -> dict[str, Any]:
     """The train state of the checkpoint at ``uri``; a missing or unreadable one is refused."""
     fs, path = open_filesystem(uri, options)

@@ -235,3 +235,35 @@ def test_eval_names_unusable_data_with_exit_2(checkpoint, tmp_path):
                           (tmp_path / "one-class", "has 1 labelled class(es)")):
         result = _ssl_pretrain("eval", str(directory), "--data", str(data))
         assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_eval_and_export_on_a_run_directory_take_its_latest_complete_checkpoint(checkpoint,
+                                                                                 tmp_path):
+    directory, model, _ = checkpoint
+    run_dir = directory.parent
+    # A newer checkpoint that was never finished (a run killed while writing it): passed over.
+    unfinished = run_dir / "checkpoint_000000008"
+    unfinished.mkdir(exist_ok=True)
+    (unfinished / "__0_0.distcp").write_bytes(b"partial")
+
+    result = _ssl_pretrain("eval", str(run_dir), "--data", "digits", "--shots", "1",
+                           "--seeds", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"using {directory}, the latest complete checkpoint of {run_dir}" in result.stdout
+    written = run_dir / "eval_result_checkpoint_000000004.json"  # in the run directory
+    assert json.loads(written.read_text())["step"] == 4
+
+    out = tmp_path / "export"
+    result = _ssl_pretrain("export", str(run_dir), str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["source"] == {**config["source"], "checkpoint": str(directory), "step": 4}
+
+    missing = tmp_path / "no-such-run"
+    result = _ssl_pretrain("export", str(missing), str(out))
+    assert result.returncode == 2
+    assert f"{missing} does not exist" in result.stderr and "bucket" not in result.stderr
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    result = _ssl_pretrain("eval", str(empty))
+    assert result.returncode == 2 and "holds no complete checkpoint" in result.stderr
