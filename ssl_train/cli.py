@@ -228,6 +228,13 @@ def cmd_energy_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_explain(args: argparse.Namespace) -> int:
+    from ssl_train.config import explain_fields
+
+    print("\n".join(explain_fields(args.key)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssl-pretrain",
@@ -335,6 +342,16 @@ def build_parser() -> argparse.ArgumentParser:
     energy.add_argument("--out", help="write the report here instead of into RUN_DIR")
     _add_storage_arguments(energy)
     energy.set_defaults(handler=cmd_energy_report)
+
+    config = commands.add_parser("config", help="what the config's fields are")
+    config_commands = config.add_subparsers(dest="config_command", required=True,
+                                            metavar="ACTION")
+    explain = config_commands.add_parser(
+        "explain", help="each field's type, default and description")
+    explain.add_argument("key", nargs="?",
+                         help="a field or section, e.g. data or objectives.mae.mask_ratio "
+                         "(default: every field)")
+    explain.set_defaults(handler=cmd_config_explain)
 
     k8s = commands.add_parser("k8s", help="Kubernetes manifests of a run (KubeRay)")
     k8s_commands = k8s.add_subparsers(dest="k8s_command", required=True, metavar="ACTION")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SUBCOMMANDS = ("ingest", "train", "eval", "export", "energy-report", "k8s")
+SUBCOMMANDS = ("ingest", "train", "eval", "export", "energy-report", "config", "k8s")
 
 
 def _ssl_pretrain(*args: str) -> subprocess.CompletedProcess:

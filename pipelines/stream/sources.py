@@ -30,11 +30,24 @@ RAW_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".gif",
 
 
 class SourceConfig(StrictSection):
-    url: StorageUrl = ""
-    format: Literal["webdataset", "parquet", "images"] = "webdataset"
-    image_column: Annotated[str, Field(min_length=1)] = "image"
-    images_per_shard: Annotated[int, Field(ge=1)] = 256
-    max_member_bytes: Annotated[int, Field(ge=1)] = DEFAULT_MAX_MEMBER_BYTES
+    url: StorageUrl = Field(
+        "",
+        description=("Where the shards are: a local path or an fsspec URL (s3://...); empty: the "
+        "sample photographs, ingested under run.output_dir on first use."))
+    format: Literal["webdataset", "parquet", "images"] = Field(
+        "webdataset",
+        description=("webdataset (tar shards of an ingest), parquet (an image-bytes column) or "
+        "images (a folder of raw images)."))
+    image_column: Annotated[str, Field(min_length=1)] = Field(
+        "image",
+        description="The Parquet column that holds the image bytes.")
+    images_per_shard: Annotated[int, Field(ge=1)] = Field(
+        256,
+        description="Raw images grouped into one shard (format images).")
+    max_member_bytes: Annotated[int, Field(ge=1)] = Field(
+        DEFAULT_MAX_MEMBER_BYTES,
+        description=("A tar member larger than this is skipped and counted (a corrupt or hostile "
+        "shard)."))
 
 
 @dataclass(frozen=True)

@@ -71,17 +71,36 @@ LEDGER_NAMESPACE = "ssl-data"
 class DataConfig(StrictSection):
     """The data stage of a training run."""
 
-    source: SourceConfig = SourceConfig()
-    quality: QualityConfig = QualityConfig()
-    augment: AugmentConfig = AugmentConfig()
-    seed: int = 0
-    epochs: Annotated[int, Field(ge=1)] = 1000
+    source: SourceConfig = Field(
+        SourceConfig(),
+        description="Where the shards are and their format.")
+    quality: QualityConfig = Field(
+        QualityConfig(),
+        description="The per-sample quality filters.")
+    augment: AugmentConfig = Field(
+        AugmentConfig(),
+        description="The photometric augmentation and where it runs.")
+    seed: int = Field(
+        0,
+        description=("Seed of each epoch's shard order and of the views (a function of seed, "
+        "epoch and sample)."))
+    epochs: Annotated[int, Field(ge=1)] = Field(
+        1000,
+        description="Passes over the shards at most (the run stops at train.steps first).")
     # Shards a view worker reads side by side; a batch mixes their samples in turn.
-    read_shards_at_once: Annotated[int, Field(ge=1)] = 16
+    read_shards_at_once: Annotated[int, Field(ge=1)] = Field(
+        16,
+        description=("Shards a view worker reads side by side; a batch mixes their samples in "
+        "turn."))
     # Actors that read groups and cut their views (each reads a group's shards side by side
     # in threads, and takes one CPU).
-    view_workers: Annotated[int, Field(ge=1)] = 2
-    view_batch_size: Annotated[int, Field(ge=1)] = 32
+    view_workers: Annotated[int, Field(ge=1)] = Field(
+        2,
+        description="Actors that read groups of shards and cut their views, a CPU each.")
+    view_batch_size: Annotated[int, Field(ge=1)] = Field(
+        32,
+        description=("Samples a view worker cuts at once; each such batch leaves as its own "
+        "block."))
 
 
 class _Ledger:

@@ -30,9 +30,16 @@ Ratio = Annotated[float, Field(gt=0)]
 class CropConfig(StrictSection):
     """Random resized crop: area fraction and aspect ratio ranges, horizontal flip probability."""
 
-    scale: tuple[Fraction, Fraction] = (0.08, 1.0)
-    ratio: tuple[Ratio, Ratio] = (3 / 4, 4 / 3)
-    flip_p: Annotated[float, Field(ge=0, le=1)] = 0.5
+    scale: tuple[Fraction, Fraction] = Field(
+        (0.08, 1.0),
+        description=("Random resized crop: the range of the crop's area as a fraction of the "
+        "image's."))
+    ratio: tuple[Ratio, Ratio] = Field(
+        (3 / 4, 4 / 3),
+        description="Random resized crop: the range of the crop's aspect ratio.")
+    flip_p: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.5,
+        description="Probability of a horizontal flip.")
 
     @model_validator(mode="after")
     def _ordered(self) -> "CropConfig":
@@ -91,10 +98,16 @@ def merge_views(declared: list[ViewSpec]) -> list[ViewSpec]:
 class AugmentConfig(StrictSection):
     """The photometric augmentation of the views that take it (crops are the objectives')."""
 
-    photometric: PhotometricConfig = PhotometricConfig()
+    photometric: PhotometricConfig = Field(
+        PhotometricConfig(),
+        description="Strengths and probabilities of the photometric ops.")
     # "data": photometric ops on the data stage's CPUs; "device": parameters travel with the
     # batch and the ops run batched on the training worker's device.
-    photometric_on: Literal["data", "device"] = "data"
+    photometric_on: Literal["data", "device"] = Field(
+        "data",
+        description=("data: photometric ops on the data stage's CPUs; device: their parameters "
+        "travel with the batch and the ops run batched on the training worker's "
+        "device."))
 
 
 def sample_crop(

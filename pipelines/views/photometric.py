@@ -35,17 +35,40 @@ Unit = Annotated[float, Field(ge=0, le=1)]
 class PhotometricConfig(StrictSection):
     """Strengths and probabilities (SimCLR's defaults at colour strength 0.5, as in BYOL)."""
 
-    jitter_p: Unit = 0.8
-    brightness: Annotated[float, Field(ge=0, lt=1)] = 0.4
-    contrast: Annotated[float, Field(ge=0, lt=1)] = 0.4
-    saturation: Annotated[float, Field(ge=0, lt=1)] = 0.2
-    hue: Annotated[float, Field(ge=0, le=0.5)] = 0.1
-    grayscale_p: Unit = 0.2
-    blur_p: Unit = 0.5
+    jitter_p: Unit = Field(
+        0.8,
+        description=("Probability of colour jitter (brightness, contrast, saturation, hue in "
+        "random order)."))
+    brightness: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.4,
+        description="Colour jitter: the brightness factor is drawn from [1 - b, 1 + b].")
+    contrast: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.4,
+        description="Colour jitter: the contrast factor is drawn from [1 - c, 1 + c].")
+    saturation: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.2,
+        description="Colour jitter: the saturation factor is drawn from [1 - s, 1 + s].")
+    hue: Annotated[float, Field(ge=0, le=0.5)] = Field(
+        0.1,
+        description=("Colour jitter: the hue shift is drawn from [-h, h] (a fraction of the "
+        "colour circle)."))
+    grayscale_p: Unit = Field(
+        0.2,
+        description="Probability of converting the view to grey levels.")
+    blur_p: Unit = Field(
+        0.5,
+        description="Probability of a Gaussian blur.")
     # Standard deviation in pixels at 224 px; scaled with the training resolution.
-    blur_sigma: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.1, 2.0)
-    solarize_p: Unit = 0.0
-    solarize_threshold: Annotated[int, Field(ge=0, le=255)] = 128
+    blur_sigma: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = Field(
+        (0.1, 2.0),
+        description=("Range of the blur's standard deviation in pixels at 224 px (scaled with the"
+        " training resolution)."))
+    solarize_p: Unit = Field(
+        0.0,
+        description="Probability of solarisation.")
+    solarize_threshold: Annotated[int, Field(ge=0, le=255)] = Field(
+        128,
+        description="Solarisation inverts the pixel values above this (0-255).")
 
     @model_validator(mode="after")
     def _ordered_sigma(self) -> "PhotometricConfig":

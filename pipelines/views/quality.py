@@ -37,15 +37,29 @@ DROP_REASONS = (
 class QualityConfig(StrictSection):
     """Thresholds of the quality filters."""
 
-    min_side: Annotated[int, Field(ge=1)] = 64
-    max_aspect_ratio: Annotated[float, Field(ge=1)] = 4.0
+    min_side: Annotated[int, Field(ge=1)] = Field(
+        64,
+        description="Images whose shorter side is smaller than this, in pixels, are dropped.")
+    max_aspect_ratio: Annotated[float, Field(ge=1)] = Field(
+        4.0,
+        description=("Images longer than this many times their width (or wider than high) are "
+        "dropped."))
     # Standard deviation of the grey levels (0-255) of a ~32 px thumbnail; below it, an image is
     # blank (a solid colour, an all-black frame, a placeholder).
-    min_pixel_std: Annotated[float, Field(ge=0)] = 2.0
+    min_pixel_std: Annotated[float, Field(ge=0)] = Field(
+        2.0,
+        description=("Standard deviation of the grey levels (0-255) of a ~32 px thumbnail; below "
+        "it an image is blank and dropped."))
     # Declared width x height above this is refused before decoding (decompression bombs).
-    max_pixels: Annotated[int, Field(ge=1)] = 178_956_970
+    max_pixels: Annotated[int, Field(ge=1)] = Field(
+        178_956_970,
+        description=("Declared width x height above this is refused before decoding "
+        "(decompression bombs)."))
     # Perceptual hashes (64 bits) at most this many bits apart are near duplicates (ingest only).
-    near_duplicate_distance: Annotated[int, Field(ge=0, le=16)] = 6
+    near_duplicate_distance: Annotated[int, Field(ge=0, le=16)] = Field(
+        6,
+        description=("Perceptual hashes (64 bits) at most this many bits apart are near "
+        "duplicates (ingest only)."))
 
 
 def size_reason(width: int, height: int, config: QualityConfig) -> str | None:

@@ -37,14 +37,31 @@ NonNegativeFloat = Annotated[float, Field(ge=0)]
 class EncoderConfig(StrictSection):
     """The shared timm VisionTransformer."""
 
-    patch_size: PositiveInt = 16
-    embed_dim: PositiveInt = 384
-    depth: PositiveInt = 12
-    num_heads: PositiveInt = 6
-    mlp_ratio: PositiveFloat = 4.0
-    pos_embed: Literal["sincos", "learned"] = "sincos"
-    pool: Literal["token", "avg"] = "token"
-    drop_path_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    patch_size: PositiveInt = Field(
+        16,
+        description="Side of the square patches the image is cut into, in pixels.")
+    embed_dim: PositiveInt = Field(
+        384,
+        description="Width of the encoder's tokens.")
+    depth: PositiveInt = Field(
+        12,
+        description="Transformer blocks of the encoder.")
+    num_heads: PositiveInt = Field(
+        6,
+        description="Attention heads of each block; must divide embed_dim.")
+    mlp_ratio: PositiveFloat = Field(
+        4.0,
+        description="Hidden width of each block's MLP, as a multiple of embed_dim.")
+    pos_embed: Literal["sincos", "learned"] = Field(
+        "sincos",
+        description="Position embeddings: fixed 2-D sine-cosine (as MAE) or learned.")
+    pool: Literal["token", "avg"] = Field(
+        "token",
+        description="The image's embedding: the class token, or the average of the patch tokens.")
+    drop_path_rate: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.0,
+        description=("Stochastic depth: the rate of dropping a block's residual branch, reached "
+        "at the last block."))
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "EncoderConfig":
@@ -55,8 +72,13 @@ class EncoderConfig(StrictSection):
 class ModelConfig(StrictSection):
     """The shared encoder and the image size it sees (heads and decoders are the objectives')."""
 
-    image_size: PositiveInt = 224
-    encoder: EncoderConfig = EncoderConfig()
+    image_size: PositiveInt = Field(
+        224,
+        description=("Side of the square images the encoder sees (global views), in pixels; a "
+        "multiple of the patch size."))
+    encoder: EncoderConfig = Field(
+        EncoderConfig(),
+        description="The shared timm VisionTransformer.")
 
     @model_validator(mode="after")
     def _consistent_shapes(self) -> "ModelConfig":
@@ -74,30 +96,74 @@ class ModelConfig(StrictSection):
 
 class OptimConfig(StrictSection):
     # The learning rate actually used is base_lr * global_batch_size / 256 (linear scaling rule).
-    base_lr: PositiveFloat = 1.5e-4
-    weight_decay: NonNegativeFloat = 0.05
-    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.95
-    warmup_steps: Annotated[int, Field(ge=0)] = 0
-    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
-    grad_clip_norm: PositiveFloat | None = 3.0
-    accumulation_steps: PositiveInt = 1
+    base_lr: PositiveFloat = Field(
+        1.5e-4,
+        description=("AdamW's learning rate at a global batch of 256; the run uses base_lr x "
+        "global_batch_size / 256 (linear scaling)."))
+    weight_decay: NonNegativeFloat = Field(
+        0.05,
+        description="AdamW's decoupled weight decay (not on biases, norms and loss weights).")
+    beta1: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.9,
+        description="AdamW's first-moment decay.")
+    beta2: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.95,
+        description="AdamW's second-moment decay.")
+    warmup_steps: Annotated[int, Field(ge=0)] = Field(
+        0,
+        description="Steps of linear learning-rate warm-up from zero, before the cosine decay.")
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.0,
+        description="The learning rate at the last step, as a fraction of the peak.")
+    grad_clip_norm: PositiveFloat | None = Field(
+        3.0,
+        description="Clip the gradients' global norm to this; null: no clipping.")
+    accumulation_steps: PositiveInt = Field(
+        1,
+        description=("Micro-batches a step's gradient is accumulated over (each worker's share of"
+        " the global batch is split into these)."))
 
 
 class TrainConfig(StrictSection):
-    steps: PositiveInt = 1000
-    global_batch_size: PositiveInt = 256
-    seed: int = 0
-    log_every: PositiveInt = 10
-    num_workers: PositiveInt = 2
-    use_gpu: bool = False
-    cpus_per_worker: PositiveFloat = 1.0
-    checkpoint_every: PositiveInt = 50
-    keep_checkpoints: PositiveInt = 3
+    steps: PositiveInt = Field(
+        1000,
+        description=("Optimiser steps of the whole run (the learning-rate schedule spans them, "
+        "whatever the slices)."))
+    global_batch_size: PositiveInt = Field(
+        256,
+        description=("Images a step over all workers; must split evenly over num_workers x "
+        "accumulation_steps."))
+    seed: int = Field(
+        0,
+        description=("Seed of the model's initialisation and of each step's randomness (masking, "
+        "drop path)."))
+    log_every: PositiveInt = Field(
+        10,
+        description="Steps between progress lines on the console (metrics.jsonl has every step).")
+    num_workers: PositiveInt = Field(
+        2,
+        description="Ray Train workers (one per GPU on a GPU cluster).")
+    use_gpu: bool = Field(
+        False,
+        description="Train on GPUs (NCCL); false: CPUs (gloo).")
+    cpus_per_worker: PositiveFloat = Field(
+        1.0,
+        description="CPUs Ray reserves for each training worker.")
+    checkpoint_every: PositiveInt = Field(
+        50,
+        description="Steps between checkpoints (one is also written at the end).")
+    keep_checkpoints: PositiveInt = Field(
+        3,
+        description="Newest checkpoints kept in the run directory; older ones are deleted.")
     # Restarts of the worker group from the last checkpoint before the run fails.
-    max_failures: Annotated[int, Field(ge=-1)] = 3
+    max_failures: Annotated[int, Field(ge=-1)] = Field(
+        3,
+        description=("Restarts of the worker group from the last checkpoint before the run fails;"
+        " -1: no limit."))
     # How workers are placed on nodes (Ray placement group strategy).
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"] = "PACK"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"] = Field(
+        "PACK",
+        description="How Ray places the workers on nodes (a placement group strategy).")
 
 
 class ParallelConfig(StrictSection):
@@ -105,19 +171,38 @@ class ParallelConfig(StrictSection):
 
     # bf16: FSDP2's bf16 parameters and compute with fp32 gradient reduction, on any device
     # (losses, batch-norm statistics and loss weights stay fp32). auto: bf16 on GPUs, fp32 on CPUs.
-    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
-    activation_checkpointing: bool = False
+    mixed_precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description=("bf16: FSDP2's bf16 parameters and compute with fp32 gradient reduction, on "
+        "any device (losses, batch-norm statistics and loss weights stay fp32); "
+        "auto: bf16 on GPUs, fp32 on CPUs."))
+    activation_checkpointing: bool = Field(
+        False,
+        description=("Recompute each transformer block's activations in the backward pass instead"
+        " of keeping them (less memory, more compute)."))
     # false: each FSDP group stays gathered from its first forward to the end of backward (one
     # all-gather a step for the several encoder passes); true: ZeRO-3, less memory, more gathers.
-    reshard_after_forward: bool = False
+    reshard_after_forward: bool = Field(
+        False,
+        description=("false: each FSDP group stays gathered from its first forward to the end of "
+        "backward (one all-gather a step for the several encoder passes); true: "
+        "ZeRO-3, less memory, more gathers."))
     # torch.compile of each transformer block (before sharding, as torchtitan does).
-    compile: bool = False
+    compile: bool = Field(
+        False,
+        description="torch.compile each transformer block before sharding (as torchtitan does).")
 
 
 class RunConfig(StrictSection):
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "run"
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = Field(
+        "run",
+        description=("The run's name: its run directory is OUTPUT_DIR/NAME, and the same name "
+        "resumes it."))
     # Where run directories live: a local path or an fsspec URL such as s3://bucket/runs.
-    output_dir: Annotated[StorageUrl, Field(min_length=1)] = "runs"
+    output_dir: Annotated[StorageUrl, Field(min_length=1)] = Field(
+        "runs",
+        description=("Where run directories live: a local path or an fsspec URL such as "
+        "s3://bucket/runs."))
 
     def output_root(self) -> str:
         """``output_dir`` without a trailing slash, made absolute when it is a local path."""
@@ -135,53 +220,102 @@ class TelemetryConfig(StrictSection):
     # Ray's metrics port on a local cluster (a cluster's nodes use theirs, e.g. KubeRay's
     # `metrics` port). The endpoint exposes metric values and run names, nothing else. Ray binds
     # it to every interface (to loopback only when the node's own address is loopback).
-    metrics_port: Annotated[int, Field(ge=1024, le=65535)] | None = 8090
+    metrics_port: Annotated[int, Field(ge=1024, le=65535)] | None = Field(
+        8090,
+        description=("Ray's Prometheus metrics port on a local cluster (a cluster's nodes use "
+        "theirs, e.g. KubeRay's metrics port); it exposes metric values and run "
+        "names only. A taken port moves to a free one, said on the console. null: "
+        "Ray picks one."))
     # Every this many steps, embeddings of a held batch feed std, rank, alignment, uniformity.
-    health_every: PositiveInt = 10
+    health_every: PositiveInt = Field(
+        10,
+        description=("Steps between the collapse signals (embedding std, effective rank, "
+        "alignment, uniformity) on a held batch."))
     # A labelled monitor set for a kNN accuracy of frozen features at the same cadence:
     # scikit-learn's digits (half as reference, half as queries), or none.
-    knn_monitor: Literal["none", "digits"] = "none"
+    knn_monitor: Literal["none", "digits"] = Field(
+        "none",
+        description=("A labelled monitor set for a kNN accuracy of frozen features at the same "
+        "cadence: scikit-learn's digits, or none."))
 
 
 class GridIntensityConfig(StrictSection):
     """A grid carbon intensity stated by the user, with where it comes from."""
 
-    g_per_kwh: NonNegativeFloat
-    source: Annotated[str, Field(min_length=1)]
-    year: Annotated[int, Field(ge=1990, le=2100)] | None = None
+    g_per_kwh: NonNegativeFloat = Field(
+        description="Grams of CO2e per kWh of the grid that powers the run.")
+    source: Annotated[str, Field(min_length=1)] = Field(
+        description=("Where the figure comes from (a supplier's statement, a grid operator's "
+        "data)."))
+    year: Annotated[int, Field(ge=1990, le=2100)] | None = Field(
+        None,
+        description="The year the figure is for.")
 
 
 class PueConfig(StrictSection):
     """The facility's power usage effectiveness (total facility energy / IT energy)."""
 
-    value: Annotated[float, Field(ge=1.0, le=5.0)] = 1.0
-    source: Annotated[str, Field(min_length=1)] = (
-        "assumed: 1.0 counts no facility overhead; set energy.pue for your data centre")
-    year: Annotated[int, Field(ge=1990, le=2100)] | None = None
+    value: Annotated[float, Field(ge=1.0, le=5.0)] = Field(
+        1.0,
+        description=("Power usage effectiveness: the facility's total energy over its IT energy "
+        "(1.0: no overhead counted)."))
+    source: Annotated[str, Field(min_length=1)] = Field(
+        ( "assumed: 1.0 counts no facility overhead; set energy.pue for your data centre"),
+        description="Where the PUE figure comes from.")
+    year: Annotated[int, Field(ge=1990, le=2100)] | None = Field(
+        None,
+        description="The year the PUE figure is for.")
 
 
 class EnergyConfig(StrictSection):
     """Energy metering, attribution and carbon (see docs/energy.md)."""
 
-    enabled: bool = True
+    enabled: bool = Field(
+        True,
+        description="Meter every node's and GPU's energy, write the ledger and the report.")
     # A region of the default table (world, an ISO 3166 alpha-3 country such as FRA,
     # gcp:europe-west1, aws:eu-west-1, azure:westeurope), or grid_intensity with its source.
-    region: str | None = None
-    grid_intensity: GridIntensityConfig | None = None
-    pue: PueConfig = PueConfig()
-    interval_seconds: Annotated[float, Field(ge=0.05, le=300)] = 1.0
+    region: str | None = Field(
+        None,
+        description=("A region of the default grid-intensity table: world, an ISO 3166 alpha-3 "
+        "country such as FRA, gcp:europe-west1, aws:eu-west-1, azure:westeurope. "
+        "Alternative to grid_intensity."))
+    grid_intensity: GridIntensityConfig | None = Field(
+        None,
+        description=("The grid's carbon intensity with its source, when no region of the table "
+        "fits."))
+    pue: PueConfig = Field(
+        PueConfig(),
+        description="The data centre's power usage effectiveness and its source.")
+    interval_seconds: Annotated[float, Field(ge=0.05, le=300)] = Field(
+        1.0,
+        description="Seconds between the meters' samples.")
     # The ledger holds one line per this many seconds of samples (their sums): a week on 64
     # nodes stays about a gigabyte (docs/energy.md).
-    record_every_seconds: Annotated[float, Field(ge=0.05)] = 60.0
+    record_every_seconds: Annotated[float, Field(ge=0.05)] = Field(
+        60.0,
+        description="The ledger holds one line per this many seconds of samples (their sums).")
     # The ledger is written in parts of this many seconds, each made durable once when it
     # closes (uploaded to an object store; local ones are appended to as they go).
-    upload_every_seconds: Annotated[float, Field(ge=1)] = 300.0
+    upload_every_seconds: Annotated[float, Field(ge=1)] = Field(
+        300.0,
+        description=("The ledger is written in parts of this many seconds, each made durable once"
+        " when it closes (uploaded to an object store)."))
     # After this many steps the run's total energy and CO2e are projected and printed.
-    projection_after_steps: PositiveInt = 20
+    projection_after_steps: PositiveInt = Field(
+        20,
+        description=("After this many steps the whole run's energy and CO2e are projected and "
+        "printed."))
     # Where RAPL counters are (a container may see the host's under another path).
-    powercap_root: Annotated[str, Field(min_length=1)] = "/sys/class/powercap"
+    powercap_root: Annotated[str, Field(min_length=1)] = Field(
+        "/sys/class/powercap",
+        description=("Where the RAPL counters are (a container may see the host's under another "
+        "path)."))
     # Per package, for the CPU estimate when RAPL is unreadable (default: CodeCarbon's table).
-    cpu_tdp_watts: PositiveFloat | None = None
+    cpu_tdp_watts: PositiveFloat | None = Field(
+        None,
+        description=("TDP of each CPU package, for the estimate where RAPL is unreadable; null: "
+        "CodeCarbon's table."))
 
     @model_validator(mode="after")
     def _ledger_cadence(self) -> "EnergyConfig":
@@ -261,19 +395,40 @@ def _objective_configs(value: Any) -> list[ObjectiveConfig]:
 class PretrainConfig(StrictSection):
     """The whole job: one section per concern."""
 
-    run: RunConfig = RunConfig()
-    model: ModelConfig = ModelConfig()
+    run: RunConfig = Field(
+        RunConfig(),
+        description="The run's name and where its run directory is.")
+    model: ModelConfig = Field(
+        ModelConfig(),
+        description="The shared encoder and its image size.")
     # What the shared encoder learns from; see ssl_train/objectives/.
     objectives: list[SerializeAsAny[ObjectiveConfig]] = Field(
-        default_factory=lambda: _objective_configs(list(DEFAULT_OBJECTIVES)))
+         default_factory=lambda: _objective_configs(list(DEFAULT_OBJECTIVES)),
+        description=("What the shared encoder learns from: a list of objective names or mappings "
+        "{name: ..., field: value} (simclr, mae, mocov3, byol, simsiam, dino)."))
     # learned: uncertainty weighting (ssl_train/models/weighting.py); fixed: each objective's weight.
-    weighting: Literal["learned", "fixed"] = "learned"
-    optim: OptimConfig = OptimConfig()
-    train: TrainConfig = TrainConfig()
-    parallel: ParallelConfig = ParallelConfig()
-    data: DataConfig = DataConfig()
-    telemetry: TelemetryConfig = TelemetryConfig()
-    energy: EnergyConfig = EnergyConfig()
+    weighting: Literal["learned", "fixed"] = Field(
+        "learned",
+        description=("How the objectives' losses combine: learned (uncertainty weighting, a "
+        "learned log-variance per loss) or fixed (each objective's weight)."))
+    optim: OptimConfig = Field(
+        OptimConfig(),
+        description="AdamW and its schedule.")
+    train: TrainConfig = Field(
+        TrainConfig(),
+        description="Steps, batch, workers and checkpoints.")
+    parallel: ParallelConfig = Field(
+        ParallelConfig(),
+        description="How the model is spread over workers (FSDP2, precision).")
+    data: DataConfig = Field(
+        DataConfig(),
+        description="The streaming data stage.")
+    telemetry: TelemetryConfig = Field(
+        TelemetryConfig(),
+        description="Metrics export and the representation-health monitor.")
+    energy: EnergyConfig = Field(
+        EnergyConfig(),
+        description="Energy metering, attribution and carbon.")
 
     @field_validator("objectives", mode="before")
     @classmethod
@@ -451,3 +606,86 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
 def dump_config(config: PretrainConfig) -> str:
     """The resolved config as YAML that ``load_config`` reads back to the same values."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _type_name(annotation: Any) -> str:
+    """A config field's type as a reader says it: int, one of learned | fixed, float or null."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return "one of " + " | ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, tuple):
+        inner = ", ".join(_type_name(a) for a in args if a is not Ellipsis)
+        return f"({inner})" if origin is tuple else f"list of {inner}"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "section"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _bounds(field) -> str:
+    marks = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "min_length": "length >="}
+    found = []
+    for item in field.metadata:
+        for name, sign in marks.items():
+            value = getattr(item, name, None)
+            if value is not None:
+                found.append(f"{sign} {value:g}" if isinstance(value, float) else
+                             f"{sign} {value}")
+    return f" ({', '.join(found)})" if found else ""
+
+
+def _sections(model: type[BaseModel], prefix: str, defaults: BaseModel):
+    """(dotted key, field, its default, section class or None) of every field under ``model``,
+    whose default values ``defaults`` holds (a section's defaults are its parent's)."""
+    import typing
+
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        default = getattr(defaults, name, None)
+        if model is PretrainConfig and name == "objectives":
+            yield key, field, default, None
+            for objective in objective_names():
+                config_class = objective_class(objective).config_class
+                yield from _sections(config_class, f"{key}.{objective}.",
+                                     config_class.model_construct())
+            continue
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        nested = next((c for c in candidates
+                       if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        yield key, field, default, nested
+        if nested is not None:
+            yield from _sections(nested, f"{key}.",
+                                 default if default is not None else nested.model_construct())
+
+
+def explain_fields(key: str | None = None) -> list[str]:
+    """Every config field under ``key`` (all of them without): its dotted key, type, bounds,
+    default and description. An unknown key is a ConfigError."""
+    lines = []
+    for dotted, field, default, nested in _sections(PretrainConfig, "",
+                                                    PretrainConfig.model_construct()):
+        if key and dotted != key and not dotted.startswith(f"{key}."):
+            continue
+        if nested is not None:
+            head = f"{dotted}: section"
+        else:
+            if field.is_required():
+                shown = "required"
+            elif isinstance(default, list):
+                shown = "default [" + ", ".join(getattr(d, "name", str(d)) for d in default) + "]"
+            else:
+                shown = f"default {yaml.safe_dump(default, default_flow_style=True).strip()}"
+                shown = shown.removesuffix("\n...").removesuffix(" ...")
+            head = f"{dotted}: {_type_name(field.annotation)}{_bounds(field)}, {shown}"
+        lines += [head, f"    {field.description}"]
+    if not lines:
+        sections = ", ".join(PretrainConfig.model_fields)
+        raise ConfigError(f"no config field {key} (the sections: {sections}; objectives.NAME "
+                          "for an objective's fields)")
+    return lines

@@ -31,10 +31,18 @@ def check_heads_divide_width(embed_dim: int, num_heads: int) -> None:
 class DecoderConfig(StrictSection):
     """The masked branch's lightweight transformer decoder."""
 
-    embed_dim: PositiveInt = 256
-    depth: PositiveInt = 4
-    num_heads: PositiveInt = 8
-    mlp_ratio: PositiveFloat = 4.0
+    embed_dim: PositiveInt = Field(
+        256,
+        description="Width of the decoder's tokens.")
+    depth: PositiveInt = Field(
+        4,
+        description="Transformer blocks of the decoder.")
+    num_heads: PositiveInt = Field(
+        8,
+        description="Attention heads of each decoder block; must divide embed_dim.")
+    mlp_ratio: PositiveFloat = Field(
+        4.0,
+        description="Hidden width of each decoder block's MLP, as a multiple of embed_dim.")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "DecoderConfig":

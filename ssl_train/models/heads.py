@@ -25,20 +25,37 @@ class ProjectorConfig(StrictSection):
     Linear-BN-ReLU-Linear with the defaults); ``last_bn`` adds a batch norm without affine
     parameters after the last layer (MoCo v3's and SimSiam's projectors)."""
 
-    hidden_dim: Annotated[int, Field(gt=0)] = 2048
-    out_dim: Annotated[int, Field(gt=0)] = 128
-    num_layers: Annotated[int, Field(ge=1)] = 2
-    last_bn: bool = False
+    hidden_dim: Annotated[int, Field(gt=0)] = Field(
+        2048,
+        description="Width of the MLP's hidden layers.")
+    out_dim: Annotated[int, Field(gt=0)] = Field(
+        128,
+        description="Width of the MLP's output.")
+    num_layers: Annotated[int, Field(ge=1)] = Field(
+        2,
+        description="Linear layers of the MLP, with batch norm and ReLU between them.")
+    last_bn: bool = Field(
+        False,
+        description=("A batch norm without affine parameters after the last layer (MoCo v3's and "
+        "SimSiam's projectors)."))
 
 
 class DINOHeadConfig(StrictSection):
     """DINO's head: an MLP (GELU) to a bottleneck, L2-normalised, then a weight-normalised linear
     layer to ``out_dim`` prototypes."""
 
-    hidden_dim: Annotated[int, Field(gt=0)] = 2048
-    bottleneck_dim: Annotated[int, Field(gt=0)] = 256
-    out_dim: Annotated[int, Field(gt=0)] = 65536
-    num_layers: Annotated[int, Field(ge=1)] = 3
+    hidden_dim: Annotated[int, Field(gt=0)] = Field(
+        2048,
+        description="Width of the head's hidden layers.")
+    bottleneck_dim: Annotated[int, Field(gt=0)] = Field(
+        256,
+        description="Width of the L2-normalised bottleneck before the prototypes.")
+    out_dim: Annotated[int, Field(gt=0)] = Field(
+        65536,
+        description="Prototypes: the width of the distributions the student and teacher compare.")
+    num_layers: Annotated[int, Field(ge=1)] = Field(
+        3,
+        description="Linear layers of the MLP before the bottleneck.")
 
 
 def _float(param: torch.Tensor | None) -> torch.Tensor | None:

@@ -47,7 +47,10 @@ class ObjectiveConfig(StrictSection):
     ``weighting: fixed``. Each objective subclasses it with its own hyperparameters."""
 
     name: str
-    weight: NonNegativeFloat = 1.0
+    weight: NonNegativeFloat = Field(
+        1.0,
+        description=("The objective's weight in the sum under weighting: fixed (learned weighting"
+        " ignores it)."))
 
     def views(self) -> list[ViewSpec]:
         """The views the objective reads from each batch (the data stage cuts these)."""

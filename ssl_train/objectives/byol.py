@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
 
 from pipelines.views.augment import CropConfig, ViewSpec
 from ssl_train.losses import byol_loss
@@ -30,10 +31,19 @@ def asymmetric_views(crop: CropConfig) -> list[ViewSpec]:
 
 
 class BYOLConfig(PredictorHeadsConfig, TeacherConfig):
-    name: Literal["byol"] = "byol"
-    projector: ProjectorConfig = ProjectorConfig(hidden_dim=4096, out_dim=256)
-    predictor: ProjectorConfig = ProjectorConfig(hidden_dim=4096, out_dim=256)
-    crop: CropConfig = CropConfig()
+    name: Literal["byol"] = Field(
+        "byol",
+        description="The objective: byol (an EMA target and a predictor, no negatives).")
+    projector: ProjectorConfig = Field(
+        ProjectorConfig(hidden_dim=4096, out_dim=256),
+        description="The projection head of the online network and its target.")
+    predictor: ProjectorConfig = Field(
+        ProjectorConfig(hidden_dim=4096, out_dim=256),
+        description="The online network's predictor; its out_dim must equal the projector's.")
+    crop: CropConfig = Field(
+        CropConfig(),
+        description=("The random resized crop of both views (BYOL's asymmetric photometric "
+        "settings apply per view)."))
 
     def flops(self, model) -> dict[str, Part]:
         teacher = encoder_flops(model) + mlp_flops(model.encoder.embed_dim, self.projector)

@@ -39,23 +39,54 @@ Temperature = Annotated[float, Field(gt=0)]
 
 
 class DINOConfig(TeacherConfig):
-    name: Literal["dino"] = "dino"
-    momentum: Momentum = 0.996
-    head: DINOHeadConfig = DINOHeadConfig()
-    student_temperature: Temperature = 0.1
-    teacher_temperature: Temperature = 0.07
-    warmup_teacher_temperature: Temperature = 0.04
-    teacher_warmup_fraction: Annotated[float, Field(ge=0, le=1)] = 0.3
+    name: Literal["dino"] = Field(
+        "dino",
+        description=("The objective: dino (self-distillation with centering and sharpening, "
+        "multi-crop)."))
+    momentum: Momentum = Field(
+        0.996,
+        description=("The EMA teacher's momentum at step 0; it rises to 1 at the last step on a "
+        "cosine."))
+    head: DINOHeadConfig = Field(
+        DINOHeadConfig(),
+        description="DINO's projection head and prototypes.")
+    student_temperature: Temperature = Field(
+        0.1,
+        description="Temperature of the student's softmax.")
+    teacher_temperature: Temperature = Field(
+        0.07,
+        description="Temperature of the teacher's softmax after its warm-up (sharpening).")
+    warmup_teacher_temperature: Temperature = Field(
+        0.04,
+        description=("The teacher's temperature at step 0, raised linearly to "
+        "teacher_temperature."))
+    teacher_warmup_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.3,
+        description="Share of the run over which the teacher's temperature warms up.")
     # DINO's freeze_last_layer: the prototypes take no update over the first part of the run
     # (one epoch of DINO's hundred), which its authors found steadies the start.
-    freeze_prototypes_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01
-    center_momentum: Momentum = 0.9
-    global_crop: CropConfig = CropConfig(scale=(0.4, 1.0))
-    local_crop: CropConfig = CropConfig(scale=(0.05, 0.4))
-    local_crops: Annotated[int, Field(ge=0)] = 6
+    freeze_prototypes_fraction: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.01,
+        description=("Share of the run over which the prototypes take no update (DINO's "
+        "freeze_last_layer)."))
+    center_momentum: Momentum = Field(
+        0.9,
+        description="Momentum of the teacher outputs' running center (centering).")
+    global_crop: CropConfig = Field(
+        CropConfig(scale=(0.4, 1.0)),
+        description="The random resized crop of the two global views.")
+    local_crop: CropConfig = Field(
+        CropConfig(scale=(0.05, 0.4)),
+        description="The random resized crop of the local views.")
+    local_crops: Annotated[int, Field(ge=0)] = Field(
+        6,
+        description="Local views an image (multi-crop); 0: global views only.")
     # Side of the local crops in pixels, a multiple of the patch size; unset: 96/224 of the
     # model's image size, rounded to whole patches.
-    local_size: Annotated[int, Field(gt=0)] | None = None
+    local_size: Annotated[int, Field(gt=0)] | None = Field(
+        None,
+        description=("Side of the local crops in pixels, a multiple of the patch size; null: "
+        "96/224 of the model's image size, rounded to whole patches."))
 
     @model_validator(mode="after")
     def _crops_overlap_sensibly(self) -> "DINOConfig":

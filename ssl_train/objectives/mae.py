@@ -18,11 +18,22 @@ from ssl_train.objectives.base import Objective, ObjectiveConfig, ObjectiveOutpu
 
 
 class MAEConfig(ObjectiveConfig):
-    name: Literal["mae"] = "mae"
-    mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.75
-    norm_pix_loss: bool = True
-    decoder: DecoderConfig = DecoderConfig()
-    crop: CropConfig = CropConfig(scale=(0.2, 1.0))
+    name: Literal["mae"] = Field(
+        "mae",
+        description="The objective: mae (masked patches reconstructed by a light decoder).")
+    mask_ratio: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.75,
+        description="Share of the patches masked; the encoder sees only the others.")
+    norm_pix_loss: bool = Field(
+        True,
+        description=("Reconstruct each patch's pixels normalised by its own mean and variance "
+        "(MAE's better target)."))
+    decoder: DecoderConfig = Field(
+        DecoderConfig(),
+        description="The lightweight transformer decoder.")
+    crop: CropConfig = Field(
+        CropConfig(scale=(0.2, 1.0)),
+        description="The random resized crop of the masked view.")
 
     def views(self) -> list[ViewSpec]:
         return [ViewSpec(name="view_mae", crop=self.crop)]

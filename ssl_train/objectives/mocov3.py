@@ -21,13 +21,22 @@ from ssl_train.objectives.teacher import Momentum
 
 
 class MoCoV3Config(BYOLConfig):
-    name: Literal["mocov3"] = "mocov3"
-    momentum: Momentum = 0.99
-    temperature: Annotated[float, Field(gt=0)] = 0.2
+    name: Literal["mocov3"] = Field(
+        "mocov3",
+        description=("The objective: mocov3 (a momentum encoder's keys, gathered from every "
+        "worker)."))
+    momentum: Momentum = Field(
+        0.99,
+        description=("The momentum encoder's momentum at step 0; it rises to 1 at the last step "
+        "on a cosine."))
+    temperature: Annotated[float, Field(gt=0)] = Field(
+        0.2,
+        description="The contrastive loss's temperature.")
     # MoCo v3's ViT heads: a 3-layer projector ending in an affine-free batch norm, a 2-layer
     # predictor.
-    projector: ProjectorConfig = ProjectorConfig(hidden_dim=4096, out_dim=256, num_layers=3,
-                                                 last_bn=True)
+    projector: ProjectorConfig = Field(
+        ProjectorConfig(hidden_dim=4096, out_dim=256, num_layers=3, last_bn=True),
+        description="MoCo v3's 3-layer projector, ending in an affine-free batch norm.")
 
     def check(self, config) -> None:
         super().check(config)

@@ -22,10 +22,18 @@ def symmetric_views(crop: CropConfig) -> list[ViewSpec]:
 
 
 class SimCLRConfig(ObjectiveConfig):
-    name: Literal["simclr"] = "simclr"
-    temperature: Annotated[float, Field(gt=0)] = 0.2
-    projector: ProjectorConfig = ProjectorConfig()
-    crop: CropConfig = CropConfig()  # of both views
+    name: Literal["simclr"] = Field(
+        "simclr",
+        description="The objective: simclr (NT-Xent over the global batch).")
+    temperature: Annotated[float, Field(gt=0)] = Field(
+        0.2,
+        description="NT-Xent's temperature.")
+    projector: ProjectorConfig = Field(
+        ProjectorConfig(),
+        description="The projection head the loss is computed on.")
+    crop: CropConfig = Field(
+        CropConfig(),
+        description="The random resized crop of both views.")
 
     def views(self) -> list[ViewSpec]:
         return symmetric_views(self.crop)

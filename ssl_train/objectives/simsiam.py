@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
 
 from pipelines.views.augment import CropConfig, ViewSpec
 from ssl_train.losses import simsiam_loss
@@ -19,13 +20,21 @@ from ssl_train.objectives.simclr import symmetric_views
 
 
 class SimSiamConfig(PredictorHeadsConfig, ObjectiveConfig):
-    name: Literal["simsiam"] = "simsiam"
+    name: Literal["simsiam"] = Field(
+        "simsiam",
+        description="The objective: simsiam (stop-gradient, no EMA, no negatives).")
     # SimSiam's projector: 3 layers with batch norm on every output (the last without affine);
     # its predictor: a 2-layer bottleneck.
-    projector: ProjectorConfig = ProjectorConfig(hidden_dim=2048, out_dim=2048, num_layers=3,
-                                                 last_bn=True)
-    predictor: ProjectorConfig = ProjectorConfig(hidden_dim=512, out_dim=2048)
-    crop: CropConfig = CropConfig()
+    projector: ProjectorConfig = Field(
+        ProjectorConfig(hidden_dim=2048, out_dim=2048, num_layers=3, last_bn=True),
+        description="SimSiam's 3-layer projector, batch norm on every output.")
+    predictor: ProjectorConfig = Field(
+        ProjectorConfig(hidden_dim=512, out_dim=2048),
+        description=("SimSiam's 2-layer bottleneck predictor; its out_dim must equal the "
+        "projector's."))
+    crop: CropConfig = Field(
+        CropConfig(),
+        description="The random resized crop of both views.")
 
     def flops(self, model) -> dict[str, Part]:
         return self.online_flops(model)

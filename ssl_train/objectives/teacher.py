@@ -24,7 +24,10 @@ Momentum = Annotated[float, Field(ge=0, le=1)]
 class TeacherConfig(ObjectiveConfig):
     """An objective with an EMA teacher: the teacher's momentum at step 0 (1 at the end)."""
 
-    momentum: Momentum = 0.996
+    momentum: Momentum = Field(
+        0.996,
+        description=("The EMA teacher's momentum at step 0; it rises to 1 at the last step on a "
+        "cosine."))
 
 
 class TeacherObjective(Objective):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import typing
+from pathlib import Path
 
 import pytest
 import yaml
@@ -148,3 +150,44 @@ def test_missing_config_and_bad_override_syntax_are_named():
 def test_validate_config_rejects_non_mappings():
     with pytest.raises(ConfigError, match="mapping"):
         validate_config([1, 2])
+
+
+def test_every_config_field_has_a_description_that_explain_prints():
+    from pydantic import BaseModel
+
+    from ssl_train.config import PretrainConfig, explain_fields
+    from ssl_train.objectives import objective_class, objective_names
+
+    def undescribed(model: type[BaseModel], prefix: str) -> list[str]:
+        missing = []
+        for name, field in model.model_fields.items():
+            if not (field.description or "").strip():
+                missing.append(f"{prefix}{name}")
+            for kind in (field.annotation, *typing.get_args(field.annotation)):
+                if isinstance(kind, type) and issubclass(kind, BaseModel) and kind.__name__ != \
+                        "ObjectiveConfig":
+                    missing += undescribed(kind, f"{prefix}{name}.")
+        return missing
+
+    missing = undescribed(PretrainConfig, "")
+    for name in objective_names():
+        missing += undescribed(objective_class(name).config_class, f"objectives.{name}.")
+    assert not missing, missing
+    lines = explain_fields()
+    keys = [line.split(":")[0] for line in lines if not line.startswith(" ")]
+    assert "objectives.dino.teacher_temperature" in keys and "data.view_workers" in keys
+    assert all(line.startswith("    ") and line.strip() for line in lines[1::2])
+
+
+def test_config_explain_prints_a_fields_type_default_and_description():
+    executable = Path(sys.executable).parent / "ssl-pretrain"
+    result = subprocess.run([str(executable), "config", "explain", "objectives.mae.crop"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    # The masked branch's own crop default, not the generic one.
+    assert "objectives.mae.crop.scale: (float, float), default [0.2, 1.0]" in result.stdout
+    assert "objectives.mae.crop.flip_p: float (>= 0, <= 1), default 0.5" in result.stdout
+    result = subprocess.run([str(executable), "config", "explain", "train.stepz"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "no config field train.stepz" in result.stderr and "Traceback" not in result.stderr
