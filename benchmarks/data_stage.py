@@ -198,6 +198,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                         help="a data-stage setting for stages 3 and 4, e.g. read_tasks=1")
+    parser.add_argument("--samples-per-shard", type=int, default=32,
+                        help="images a shard (a group is data.read_shards_at_once shards)")
     parser.add_argument("--stage-only", action="store_true",
                         help="measure stages 3 and 4 only (not the bound and the peer)")
     args = parser.parse_args()
@@ -210,9 +212,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ssl-data-bench-"))
     paths = make_jpegs(work / "jpegs", args.images)
     datas = [p.read_bytes() for p in paths]
-    ingest(str(work / "jpegs"), str(work / "shards"), IngestConfig(samples_per_shard=32),
+    ingest(str(work / "jpegs"), str(work / "shards"),
+           IngestConfig(samples_per_shard=args.samples_per_shard),
            log=lambda line: None)
-    results: dict = {"images": args.images, "workers": args.workers,
+    results: dict = {"images": args.images, "samples_per_shard": args.samples_per_shard,
+                     "workers": args.workers,
                      "batch_size": args.batch_size, "image_size": SIZE, "settings": settings}
     if not args.stage_only:
         results["1_decode_images_per_s"] = bench_decode(datas, args.workers)
