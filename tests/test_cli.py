@@ -59,6 +59,21 @@ def test_train_runs_on_the_sample_photographs_and_writes_a_run_directory(tmp_pat
     assert "Warning" not in console, [line for line in console.splitlines() if "Warning" in line]
     assert f"run directory: {tmp_path}/smoke" in result.stdout
     assert not (tmp_path / "smoke" / "run.lease.json").exists()  # released at the end
+    # TensorBoard's own reader finds every step's losses and the run's energy in the event files.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "smoke" / "tensorboard")).Reload()
+    tags = events.Tags()["scalars"]
+    for name in ("loss/loss", "loss/loss_contrastive", "loss/loss_masked", "train/lr",
+                 "throughput/images_per_second", "throughput/data_wait_share",
+                 "energy/energy_joules_so_far"):
+        assert name in tags, tags
+    assert [event.step for event in events.Scalars("loss/loss_masked")] == [1, 2, 3]
+    # The pictures of the last step: MAE's reconstructions (also a PNG) and the views given.
+    assert {"mae/reconstructions", "views/given"} <= set(events.Tags()["images"])
+    assert [event.step for event in events.Images("mae/reconstructions")] == [3]
+    png = (tmp_path / "smoke" / "reconstructions_step_3.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
     records = [json.loads(line) for line in
                (tmp_path / "smoke" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "event" not in r] == [1, 2, 3]

@@ -233,6 +233,11 @@ class TelemetryConfig(StrictSection):
         "alignment, uniformity) on a held batch."))
     # A labelled monitor set for a kNN accuracy of frozen features at the same cadence:
     # scikit-learn's digits (half as reference, half as queries), or none.
+    images_every: PositiveInt = Field(
+        100,
+        description=("Steps between the pictures in TensorBoard: MAE's reconstructions of the "
+                     "held batch (also reconstructions_step_N.png in the run directory) and the "
+                     "views the objectives were given."))
     knn_monitor: Literal["none", "digits"] = Field(
         "none",
         description=("A labelled monitor set for a kNN accuracy of frozen features at the same "

@@ -112,7 +112,7 @@ def apply_parallelism(
     # Methods called instead of forward (the health monitor, evaluation) need FSDP's hooks too.
     # Neither calls the other, nor does forward call them: nested hooks would re-gather the
     # root's parameters and reset FSDP's view of the step.
-    for method in ("embed", "encode"):
+    for method in ("embed", "encode", "reconstruct"):
         register_fsdp_forward_method(model, method)
     return model
 

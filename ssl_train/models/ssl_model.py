@@ -109,6 +109,17 @@ class SSLModel(nn.Module):
                 return projected
         return features
 
+    def reconstruct(self, images_bchw: torch.Tensor, seed: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The masked branch's (visible patches, reconstruction) of normalised images, or None
+        when no objective reconstructs. The masking is drawn from ``seed``."""
+        for objective in self.objectives.values():
+            reconstruct = getattr(objective, "reconstruct", None)
+            if reconstruct is not None:
+                generator = torch.Generator().manual_seed(seed)
+                return reconstruct(self.encoder, images_bchw, generator)
+        return None
+
     def forward(self, views: dict[str, torch.Tensor],
                 inputs: dict[str, torch.Tensor] | None = None) -> ModelOutput:
         """Every objective's losses on one micro-batch, weighted into one total.

@@ -12,7 +12,7 @@ from ssl_train.losses import masked_reconstruction_loss
 from ssl_train.models.decoder import DecoderConfig, MaskedDecoder
 from ssl_train.models.encoder import encode_visible
 from ssl_train.models.flops import Part, blocks_forward_flops
-from ssl_train.models.masking import mask_order, num_visible, patchify
+from ssl_train.models.masking import mask_order, num_visible, patchify, unpatchify
 from ssl_train.objectives import register
 from ssl_train.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, StepContext
 
@@ -90,6 +90,28 @@ class MAE(Objective):
 
     def block_containers(self):
         return [self.decoder.blocks]
+
+    @torch.no_grad()
+    def reconstruct(self, encoder, images_bchw: torch.Tensor,
+                    generator: torch.Generator | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the visible patches alone, the visible patches with the decoder's prediction in the
+        masked ones) of normalised images, as MAE shows its reconstructions. With per-patch
+        normalised targets the prediction is put back in each patch's own mean and spread."""
+        b = images_bchw.shape[0]
+        noise = torch.rand(b, self.model_config.num_patches, generator=generator)
+        latent, mask_bn, ids_restore_bn = encode_visible(
+            encoder, images_bchw, self.config.mask_ratio, mask_order(noise))
+        pred_bnp = self.decoder(latent, ids_restore_bn).float()
+        target_bnp = patchify(images_bchw.float(), self.patch_size)
+        if self.config.norm_pix_loss:
+            mean = target_bnp.mean(dim=-1, keepdim=True)
+            std = (target_bnp.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+            pred_bnp = pred_bnp * std + mean
+        hidden = mask_bn.unsqueeze(-1).float()
+        visible = unpatchify(target_bnp * (1 - hidden), self.patch_size)
+        pasted = unpatchify(target_bnp * (1 - hidden) + pred_bnp * hidden, self.patch_size)
+        return visible, pasted
 
     def forward(self, encoder, views, inputs) -> ObjectiveOutput:
         images = views["view_mae"]

@@ -41,7 +41,9 @@ from ssl_train.monitors.health import (
     uniformity,
 )
 from ssl_train.monitors.metrics_log import MetricsLog
+from ssl_train.monitors.pictures import training_pictures
 from ssl_train.monitors.telemetry import TrainingTelemetry
+from ssl_train.monitors.tensorboard import TensorBoardLog
 from ssl_train.train.checkpoint import (
     checkpoint_dir_name,
     latest_complete_checkpoint,
@@ -215,6 +217,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                  f"{restored.bytes_total / 1e6:.1f} MB: {max(read) / 1e6:.1f} MB read by the "
                  f"busiest rank, {sum(read) / 1e6:.1f} MB by all {world}, verified)")
     log = MetricsLog(run_uri, options, resume_step=step) if is_chief else None
+    board = TensorBoardLog(run_uri, options, resume_step=step) if is_chief else None
     telemetry = TrainingTelemetry(config.run.name, rank, ray.get_runtime_context().get_node_id())
     if resume_uri:
         telemetry.record_restart()
@@ -275,6 +278,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                             "cursor": global_cursor.to_dict(), "samples_by_shard": consumed,
                             "samples_in_flight": in_flight})
                 log.sync()
+                board.sync()
             state = json.loads((Path(tmp) / "train_state.json").read_text()) if is_chief else {}
             size = sum(f["bytes"] for f in state.get("files", {}).values())
             telemetry.record_checkpoint(time.perf_counter() - save_started, size)
@@ -307,9 +311,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 health["knn_accuracy"] = digits.accuracy(model)
             record.update({f"held_{key}": value for key, value in health.items()})
             telemetry.record_health(health)
+        if step % config.telemetry.images_every == 0 or step == stop_step:
+            pictures = training_pictures(model, held, seed=config.train.seed)  # every rank
+            if board is not None:
+                board.images(step, pictures)
         telemetry.record_step(step, record)
         if log is not None:
             log.append({"step": step, **record})
+            board.scalars(step, record)
             if projection is not None:
                 projection.observe(step)
             if projection is not None and projection.due(step):
@@ -318,6 +327,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 telemetry.record_projection(estimate)
                 _say(projection.describe(estimate))
             if step % config.train.log_every == 0 or step == stop_step:
+                if energy is not None:
+                    board.scalars(step, {"energy_joules_so_far": run_total_joules(energy.run)})
                 seconds_per_step = (time.perf_counter() - started) / (step - first_step)
                 line = progress_line(step, config.train.steps, record, seconds_per_step)
                 if not said_precision:  # the first line says what the numbers were computed in
@@ -331,3 +342,4 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint()
     if log is not None:
         log.close()
+        board.close()
