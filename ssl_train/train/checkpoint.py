@@ -442,6 +442,9 @@ def resolve_checkpoint(uri: str, options: StorageOptions | None = None) -> str:
     ``uri``; neither is refused in one sentence."""
     if is_checkpoint(uri, options):
         return uri
+    if _CHECKPOINT_NAME.fullmatch(posixpath.basename(uri.rstrip("/"))):
+        raise CheckpointError(f"checkpoint {uri}: its {TRAIN_STATE} does not exist: it is "
+                              "incomplete; load another one")
     fs, path = open_filesystem(uri, options)
     if not storage_call(uri, options, fs.exists, path):
         where = (options or StorageOptions()).describe(uri)
