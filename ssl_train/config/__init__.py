@@ -688,7 +688,7 @@ def explain_fields(key: str | None = None) -> list[str]:
                 shown = f"default {yaml.safe_dump(default, default_flow_style=True).strip()}"
                 shown = shown.removesuffix("\n...").removesuffix(" ...")
             head = f"{dotted}: {_type_name(field.annotation)}{_bounds(field)}, {shown}"
-        lines += [head, f"    {field.description}"]
+        lines += [head, f"    {field.description or '(no description)'}"]
     if not lines:
         sections = ", ".join(PretrainConfig.model_fields)
         raise ConfigError(f"no config field {key} (the sections: {sections}; objectives.NAME "

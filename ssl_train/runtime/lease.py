@@ -114,13 +114,19 @@ class RunLease:
                 self.log(f"could not renew the lease of {self.run_uri}: {err}")
 
     def release(self) -> None:
-        """Stop renewing and delete the lease, if it is still this run's."""
+        """Stop renewing and delete the lease, if it is still this run's. A lease that cannot be
+        deleted (the storage is down: often why the run ended) is said and left: it goes stale
+        and the next run takes it over."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        current = self._read()
-        if current is not None and current.get("id") == self.holder["id"]:
-            storage_call(self.run_uri, self.options, self.fs.rm_file, self.path)
+        try:
+            current = storage_call(self.run_uri, self.options, self._read)
+            if current is not None and current.get("id") == self.holder["id"]:
+                storage_call(self.run_uri, self.options, self.fs.rm_file, self.path)
+        except Exception as err:  # noqa: BLE001 - the run's own outcome is what to report
+            self.log(f"the lease of {self.run_uri} was left in place ({err}); the next run "
+                     f"takes it over after {self.stale_seconds:.0f} s")
 
     def __enter__(self) -> RunLease:
         self.acquire()

@@ -171,12 +171,16 @@ def test_every_config_field_has_a_description_that_explain_prints():
 
     missing = undescribed(PretrainConfig, "")
     for name in objective_names():
-        missing += undescribed(objective_class(name).config_class, f"objectives.{name}.")
+        config_class = objective_class(name).config_class
+        if config_class.__module__.startswith("ssl_train."):  # not a test's own plug-in
+            missing += undescribed(config_class, f"objectives.{name}.")
     assert not missing, missing
     lines = explain_fields()
     keys = [line.split(":")[0] for line in lines if not line.startswith(" ")]
     assert "objectives.dino.teacher_temperature" in keys and "data.view_workers" in keys
     assert all(line.startswith("    ") and line.strip() for line in lines[1::2])
+    assert "(no description)" not in "\n".join(
+        line for key, line in zip(keys, lines[1::2]) if not key.startswith("objectives.rotation"))
 
 
 def test_config_explain_prints_a_fields_type_default_and_description():
