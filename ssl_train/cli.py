@@ -61,6 +61,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from ssl_train.config import load_config
+    from ssl_train.runtime.search import SearchFailed, default_space, load_space, search
+
+    config = load_config(args.config, args.overrides)
+    if args.space:
+        dimensions = load_space(args.space)
+    else:
+        dimensions, notes = default_space(config)
+        for note in notes:
+            print(f"default space: {note}")
+    try:
+        search(config, dimensions, args.trials, metric=args.metric, address=args.address,
+               options=_storage_options(args))
+    except SearchFailed as err:
+        print(f"ssl-pretrain tune: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_k8s_render(args: argparse.Namespace) -> int:
     from ssl_train.config import load_config
     from ssl_train.deploy.k8s import RenderError, load_params, render, write
@@ -302,6 +322,23 @@ def build_parser() -> argparse.ArgumentParser:
                        "scheduled run; the schedule still spans train.steps)")
     _add_storage_arguments(train)
     train.set_defaults(handler=cmd_train)
+
+    tune = commands.add_parser(
+        "tune", help="search hyperparameters over real training runs (Ray Tune, Optuna, ASHA)")
+    _add_config_arguments(tune)
+    tune.add_argument("--space", metavar="SPACE.yaml",
+                      help="the fields to search, e.g. 'optim.base_lr: {loguniform: [1.0e-4, "
+                      "1.0e-2]}' (uniform, loguniform, randint, choice); default: each "
+                      "objective's temperature, MAE's mask ratio, the learning rate and, under "
+                      "fixed weighting, the objectives' weights")
+    tune.add_argument("--trials", type=_positive_int, default=8, help="trials to run (8)")
+    tune.add_argument("--metric", choices=("rankme", "knn"), default="rankme",
+                      help="what ranks the trials: rankme (the held batch's effective rank, no "
+                      "labels; default) or knn (kNN accuracy on scikit-learn's digits)")
+    tune.add_argument("--address", help="Ray cluster address, e.g. auto (default: start a "
+                      "local one)")
+    _add_storage_arguments(tune)
+    tune.set_defaults(handler=cmd_tune)
 
     evaluate = commands.add_parser("eval", help="kNN and linear-probe accuracy of a checkpoint")
     evaluate.add_argument("checkpoint", type=_storage_url, metavar="RUN_DIR_OR_CHECKPOINT",

@@ -226,12 +226,28 @@ def schedule_dataset(shards: list[str], cursor: DataCursor, epochs: int, group_s
     # which on a small cluster leaves none for the stages behind it.
     rows = ray.data.from_items([{"id": index} for index in range(left)],
                                override_num_blocks=min(left, EPOCH_BLOCKS))
-    return rows.map_batches(
+    groups = rows.map_batches(
         _epoch_groups, batch_size=1, num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=1),  # epochs in order
         fn_kwargs={"shards": [ray.put(shards)], "cursor": cursor.to_dict(),
                    "first_epoch": cursor.epoch, "group_size": group_size},
     ).repartition(target_num_rows_per_block=1)
+    return _without_cpus(groups)
+
+
+def _without_cpus(ds):
+    """``ds`` with its last operator's tasks taking no CPU.
+
+    Ray Data 2.60's ``repartition(target_num_rows_per_block=...)`` takes no remote args, and its
+    tasks (one group's row to a block: no work) each took a CPU. On a cluster with no CPU to
+    spare beyond the workers, two of them took the view workers' CPUs and the stream never
+    started (measured: a hang in a search's trial and in a test run; on a 0-CPU cluster it never
+    runs at all). Set on the logical operator, as Ray's own map operators carry theirs (Ray is
+    pinned: the test of the stage on a 0-CPU cluster fails if this attribute moves).
+    """
+    op = ds._logical_plan.dag
+    object.__setattr__(op, "ray_remote_args", {**op.ray_remote_args, "num_cpus": 0})
+    return ds
 
 
 class _End:

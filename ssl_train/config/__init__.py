@@ -7,6 +7,7 @@ build models, touch storage or start Ray: a config is checked completely before 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -606,6 +607,15 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     for assignment in overrides:
         apply_override(raw, assignment)
     return validate_config(raw, source=f"config {path.name}")
+
+
+def with_values(config: PretrainConfig, values: dict[str, Any],
+                source: str = "config") -> PretrainConfig:
+    """``config`` with each ``dotted.key: value`` set as ``--set`` would, validated again."""
+    raw = config.model_dump(mode="json")
+    for key, value in values.items():
+        apply_override(raw, f"{key}={json.dumps(value)}")  # JSON is YAML
+    return validate_config(raw, source=source)
 
 
 def dump_config(config: PretrainConfig) -> str:

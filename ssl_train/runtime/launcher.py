@@ -154,11 +154,12 @@ def storage_failure(err: BaseException, run_uri: str,
 
 def train(config: PretrainConfig, address: str | None = None,
           options: StorageOptions | None = None, log: Callable[[str], None] = print,
-          slice_steps: int | None = None) -> str:
+          slice_steps: int | None = None, callbacks: list | None = None) -> str:
     """Run (or resume) the configured pretraining; returns the run directory.
 
     ``slice_steps`` stops after that many more steps (a scheduled slice of a long run); the
-    schedule still spans ``train.steps``.
+    schedule still spans ``train.steps``. ``callbacks``: Ray Train callbacks of the run (a
+    search's trial passes Tune's).
     """
     options = (options or StorageOptions()).with_environment_endpoint()
     run_uri = config.run.uri()
@@ -176,7 +177,7 @@ def train(config: PretrainConfig, address: str | None = None,
     # colleague's run) would write the same checkpoints.
     with RunLease(run_uri, options, log):
         _train_holding_the_lease(config, address, options, log, run_uri, resume, done,
-                                 stop_step, shards)
+                                 stop_step, shards, callbacks or [])
     log(f"run directory: {run_uri} (checkpoints, metrics.jsonl, energy ledger and report)")
     return run_uri
 
@@ -184,7 +185,7 @@ def train(config: PretrainConfig, address: str | None = None,
 def _train_holding_the_lease(config: PretrainConfig, address: str | None,
                              options: StorageOptions, log: Callable[[str], None], run_uri: str,
                              resume: str | None, done: int, stop_step: int,
-                             shards: list | None) -> None:
+                             shards: list | None, callbacks: list) -> None:
     """``train`` once its checks passed and it holds the run directory's lease."""
     ensure_ray(address, num_cpus=local_cpus(config), metrics_port=config.telemetry.metrics_port)
     if shards is None:
@@ -259,6 +260,7 @@ def _train_holding_the_lease(config: PretrainConfig, address: str | None,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+            callbacks=callbacks,
         ),
         datasets={"train": dataset_factory},
     )

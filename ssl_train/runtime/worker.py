@@ -245,6 +245,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     exhausted = False
     said_precision = False
     record: dict[str, float] = {}
+    health_seen: dict[str, float] = {}  # the last health signals: in every report (a search's)
 
     held: dict[str, torch.Tensor] | None = None
     digits = (DigitsMonitor(config.model.image_size, device, rank, world)
@@ -282,7 +283,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state = json.loads((Path(tmp) / "train_state.json").read_text()) if is_chief else {}
             size = sum(f["bytes"] for f in state.get("files", {}).values())
             telemetry.record_checkpoint(time.perf_counter() - save_started, size)
-            ray.train.report({"step": step, **record},
+            ray.train.report({"step": step, **record, **health_seen},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=checkpoint_dir_name(step))
 
@@ -310,6 +311,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if digits is not None:
                 health["knn_accuracy"] = digits.accuracy(model)
             record.update({f"held_{key}": value for key, value in health.items()})
+            health_seen.update({f"held_{key}": value for key, value in health.items()})
             telemetry.record_health(health)
         if step % config.telemetry.images_every == 0 or step == stop_step:
             pictures = training_pictures(model, held, seed=config.train.seed)  # every rank

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +23,8 @@ from pipelines.storage.shards import ShardError, iter_shard_samples
 from pipelines.stream.cursor import DataCursor, epoch_order, merge_checkpoint_parts
 from pipelines.stream.stage import DataConfig, DataStage
 from tests.pipelines.planted import PHOTOGRAPHS, raw_image_files, write_tree
+
+REPO = Path(__file__).resolve().parents[3]
 
 IMAGE_SIZE = 64
 
@@ -199,3 +206,25 @@ def test_view_workers_that_take_every_cpu_are_refused_before_the_stream_hangs(tm
     with pytest.raises(ConfigError, match=rf"data.view_workers \({cpus}\) take {cpus} "
                                           rf"of this Ray cluster's {cpus} CPUs"):
         DataStage(config, IMAGE_SIZE).dataset()
+
+
+def test_the_schedule_of_groups_takes_no_cpu(tmp_path):
+    """The groups reach the view workers on a cluster with no CPU to spare: on a 0-CPU Ray
+    instance the schedule still yields every group, one a block (its repartition once took a
+    CPU a task and starved the view workers of a full cluster)."""
+    script = textwrap.dedent("""
+        import json, ray
+        from pipelines.stream.cursor import DataCursor
+        from pipelines.stream.stage import schedule_dataset
+        ray.init(num_cpus=0, include_dashboard=False, logging_level="ERROR")
+        ds = schedule_dataset([f"s{i}" for i in range(6)], DataCursor(seed=0), epochs=2,
+                              group_size=2)
+        ds.context.enable_progress_bars = False
+        blocks = [len(b["group"]) for b in ds.iter_batches(batch_size=None)]
+        print(json.dumps(blocks))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120, cwd=str(tmp_path),
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [1] * 6  # 3 groups x 2 epochs
