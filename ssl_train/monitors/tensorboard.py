@@ -3,11 +3,13 @@
 Every logged step's numbers (each loss and weight, the learning rate, the gradient norm,
 images/s, the share of the step spent waiting for data, the health signals), at each progress
 line the run's energy so far, and every ``telemetry.images_every`` steps the pictures of
-``ssl_train.monitors.pictures`` (MAE's reconstructions also as a PNG in the run directory). Event files are written on the local disk: into the run
-directory when it is local, else into a local folder copied to ``RUN_DIR/tensorboard/`` at every
-checkpoint and at the end (TensorBoard writing to s3:// itself re-uploads the whole file at every
-flush). A resumed run starts a new event file and TensorBoard drops the old file's steps past
-the resumed one (``purge_step``). This module must not read the model or the data.
+``ssl_train.monitors.pictures`` (MAE's reconstructions also as a PNG in the run directory).
+Event files are written on the local disk: into the run directory when it is local, else into a
+local folder whose event file is uploaded to ``RUN_DIR/tensorboard/`` at every checkpoint and at
+the end, the next steps going to a new file (TensorBoard writing to s3:// itself re-uploads the
+whole file at every flush). A resumed run starts a new event file and TensorBoard drops the old
+file's steps past the resumed one (``purge_step``). This module must not read the model or the
+data.
 """
 
 from __future__ import annotations
@@ -44,8 +46,6 @@ class TensorBoardLog:
 
     def __init__(self, run_uri: str, options: StorageOptions | None = None,
                  resume_step: int = 0):
-        from torch.utils.tensorboard import SummaryWriter
-
         self.run_uri, self.options = run_uri, options
         self.remote = is_remote(run_uri)
         if self.remote:
@@ -53,8 +53,7 @@ class TensorBoardLog:
             self.folder = Path(self._tmp.name)
         else:
             self.folder = Path(run_uri) / TENSORBOARD_DIR
-        self.writer = SummaryWriter(log_dir=str(self.folder),
-                                    purge_step=resume_step + 1 if resume_step else None)
+        self.writer = self._writer(purge_step=resume_step + 1 if resume_step else None)
 
     def scalars(self, step: int, record: dict) -> None:
         """Every finite number of a step's record, and the share of the step spent waiting."""
@@ -87,15 +86,32 @@ class TensorBoardLog:
                      png.getvalue())
 
     def sync(self) -> None:
-        """Flush, and copy the event files into the run directory when it is remote."""
+        """Flush; when the run directory is remote, upload the event file and go on in a new one
+        (each part is uploaded once: upload volume grows with the run, not its square)."""
         self.writer.flush()
-        if not self.remote:
-            return
+        if self.remote:
+            self._upload()
+            self.writer = self._writer()
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.remote:
+            self._upload()
+
+    def _writer(self, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # A part number in the name: two writers in one second would otherwise share it (and
+        # the second upload replace the first).
+        self.parts = getattr(self, "parts", -1) + 1
+        return SummaryWriter(log_dir=str(self.folder), purge_step=purge_step,
+                             filename_suffix=f".part{self.parts:06d}")
+
+    def _upload(self) -> None:
+        """Copy the local event files into RUN_DIR/tensorboard/ and drop them here."""
+        self.writer.close()
         fs, root = open_filesystem(self.run_uri, self.options)
         for path in sorted(self.folder.iterdir()):
             storage_call(self.run_uri, self.options, fs.put_file, str(path),
                          posixpath.join(root, TENSORBOARD_DIR, path.name))
-
-    def close(self) -> None:
-        self.sync()
-        self.writer.close()
+            path.unlink()
