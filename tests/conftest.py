@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,6 +46,32 @@ def photographs():
 @pytest.fixture
 def tiny_config():
     return load_config("tiny-cpu")
+
+
+@pytest.fixture(scope="session")
+def sample_shards(tmp_path_factory, ray_local):
+    """``seed(output_dir, min_side=32)``: the embedded default's shards (scikit-image's
+    photographs, as ``train`` ingests them into OUTPUT_DIR/sample-shards) copied into
+    ``output_dir``, ingested once a session for each quality.min_side. Tests of something else
+    than the first ingest skip it (it is the same ingest each time)."""
+    import shutil
+
+    from pipelines.storage.access import StorageOptions
+    from ssl_train.runtime.launcher import SAMPLE_SHARDS, ensure_sample_shards
+
+    made: dict[int, Path] = {}
+
+    def seed(output_dir, min_side: int = 32) -> str:
+        if min_side not in made:
+            root = tmp_path_factory.mktemp(f"sample-shards-{min_side}")
+            config = load_config("tiny-cpu", [f"run.output_dir={root}",
+                                              f"data.quality.min_side={min_side}"])
+            made[min_side] = Path(ensure_sample_shards(config, StorageOptions(), print))
+        dest = Path(output_dir) / SAMPLE_SHARDS
+        shutil.copytree(made[min_side], dest)
+        return str(dest)
+
+    return seed
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-SUBCOMMANDS = ("ingest", "train", "eval", "export", "energy-report", "config", "k8s")
+from tests.conftest import TINY_OVERRIDES
+
+SUBCOMMANDS = ("ingest", "train", "tune", "eval", "export", "energy-report", "config", "k8s")
 
 
 def _ssl_pretrain(*args: str) -> subprocess.CompletedProcess:
@@ -91,14 +93,19 @@ def test_train_runs_on_the_sample_photographs_and_writes_a_run_directory(tmp_pat
     assert again.returncode == 0 and "is complete at step 3" in again.stdout
 
 
-def test_two_local_runs_on_separate_run_directories_both_complete(tmp_path):
+# ~200 s on 2 cores (two local clusters side by side, ~60 s each alone): a long variant, run by
+# make reliability; the one-run-per-directory lease is tested in make test (test_lease.py).
+@pytest.mark.full
+@pytest.mark.reliability
+def test_two_local_runs_on_separate_run_directories_both_complete(tmp_path, sample_shards):
     executable = Path(sys.executable).parent / "ssl-pretrain"
+    sample_shards(tmp_path)  # both runs' embedded default, ingested once a session
 
     def start(name: str) -> subprocess.Popen:
+        overrides = [*TINY_OVERRIDES, "train.steps=2", "train.checkpoint_every=2",
+                     f"run.output_dir={tmp_path}", f"run.name={name}", "energy.enabled=false"]
         return subprocess.Popen(
-            [str(executable), "train", "--set", "train.steps=2", "--set",
-             "train.checkpoint_every=2", "--set", f"run.output_dir={tmp_path}", "--set",
-             f"run.name={name}", "--set", "energy.enabled=false"],
+            [str(executable), "train", *[arg for item in overrides for arg in ("--set", item)]],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     first = start("first")

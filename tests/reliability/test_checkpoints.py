@@ -59,8 +59,9 @@ def trained_run(tmp_path_factory, ray_local) -> Path:
 
 
 @pytest.fixture
-def run_dir(trained_run, tmp_path) -> Path:
+def run_dir(trained_run, tmp_path, sample_shards) -> Path:
     """This test's own copy of the trained run (TMP/trained), free to damage."""
+    sample_shards(tmp_path)
     return Path(shutil.copytree(trained_run, tmp_path / "trained"))
 
 

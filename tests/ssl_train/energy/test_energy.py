@@ -312,9 +312,10 @@ def _ledger_sums(run_dir: Path):
 
 
 def test_two_workers_and_the_data_stage_count_the_node_once_and_a_killed_run_reports(
-        tmp_path, ray_local):
+        tmp_path, ray_local, sample_shards):
     """Two training workers and the data stage's processes on one node, a fake RAPL package at
     50 W and DRAM at 5 W wrapping every 1.2 s; the driver is killed mid-run."""
+    sample_shards(tmp_path)
     counters = fake_powercap(tmp_path / "powercap", max_range_uj=60_000_000)
     rapl = FakeRapl(counters, package_watts=50.0, dram_watts=5.0, max_range_uj=60_000_000)
     rapl.start()

@@ -111,11 +111,12 @@ def _query(port: int, promql: str) -> list:
     return body["data"]["result"]
 
 
-def test_a_two_worker_run_exports_every_metric_family(tmp_path, ray_local):
+def test_a_two_worker_run_exports_every_metric_family(tmp_path, ray_local, sample_shards):
     """Of the iBOT-like hybrid [dino, mae]: an EMA teacher sharded over two workers, DINO's
     signals, and the collapse monitor and kNN on the teacher DINO exports."""
     prometheus_port = free_port()
     server = _prometheus(tmp_path, prometheus_port)
+    sample_shards(tmp_path)
     config = load_config("tiny-cpu", [*TINY_OVERRIDES, "objectives=[dino, mae]",
                                       "objectives.dino.head.out_dim=256",
                                       "objectives.dino.head.hidden_dim=128",

@@ -107,7 +107,8 @@ def test_checkpoints_in_s3_resume_past_a_partly_written_one_with_fewer_workers(
     assert report["meter_sessions"] == 2 and report["complete"] and report["steps"] == 9
 
 
-def test_slices_continue_one_run_until_its_configured_steps(tmp_path, ray_local):
+def test_slices_continue_one_run_until_its_configured_steps(tmp_path, ray_local, sample_shards):
+    sample_shards(tmp_path)
     config = _config(tmp_path, "train.steps=5", "train.checkpoint_every=10", "run.name=sliced",
                      "optim.warmup_steps=0")
     lines: list[str] = []
@@ -129,8 +130,9 @@ def test_slices_continue_one_run_until_its_configured_steps(tmp_path, ray_local)
 
 
 def test_a_bf16_run_trains_records_its_precision_and_is_checked_for_truncation(
-    tmp_path, ray_local
+    tmp_path, ray_local, sample_shards
 ):
+    sample_shards(tmp_path)
     config = _config(tmp_path, "train.steps=3", "train.checkpoint_every=3", "run.name=trunc",
                      "parallel.mixed_precision=bf16")
     run_dir = train(config, log=lambda line: None)

@@ -91,13 +91,13 @@ def test_a_bad_space_file_exits_2_before_any_cluster_work(tmp_path):
 
 
 def test_a_two_trial_search_reports_a_failed_trial_and_writes_the_best_config(
-        tmp_path, ray_local):
+        tmp_path, ray_local, sample_shards):
     """Two real training runs under Tune, two workers each (with the trial's driver and the view
     worker, the whole 4-CPU test cluster); the first reads a data source that does not exist."""
     config = load_config("tiny-cpu", [
         *TINY_OVERRIDES, "train.steps=4", "train.checkpoint_every=2",
         "telemetry.health_every=4", f"run.output_dir={tmp_path}", "run.name=search"])
-    samples, missing = f"{tmp_path}/sample-shards", f"{tmp_path}/no-such-shards"
+    samples, missing = sample_shards(tmp_path), f"{tmp_path}/no-such-shards"
     dimensions = parse_space({"optim.base_lr": {"loguniform": [1e-4, 1e-2]},
                               "data.source.url": {"choice": [samples, missing]}})
     lines: list[str] = []
