@@ -185,30 +185,13 @@ def concurrent_trials(config: PretrainConfig, cluster: dict[str, float]) -> int:
     return max(1, fits)
 
 
-def search(config: PretrainConfig, dimensions: list[Dimension], trials: int,
-           metric: str = "rankme", address: str | None = None,
-           options: StorageOptions | None = None, log: Callable[[str], None] = print,
-           first_points: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Run the search; returns its summary (also written to SEARCH_DIR/search_results.json).
-
-    ``config.run`` names the search directory (OUTPUT_DIR/NAME). ``first_points``: values the
-    first trials take, before Optuna proposes any.
-    """
+def _prepare(config: PretrainConfig, metric: str, address: str | None,
+             options: StorageOptions, log: Callable[[str], None]):
+    """(ray, the config every trial starts from): what the trials share, settled once."""
     from pipelines.cluster import ensure_ray
     from pipelines.stream.sources import list_shards
-    from ssl_train.runtime.launcher import (
-        _storage_filesystem,
-        check_run_directory,
-        ensure_sample_shards,
-        local_cpus,
-    )
+    from ssl_train.runtime.launcher import check_run_directory, ensure_sample_shards, local_cpus
 
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric {metric!r}: one of {', '.join(METRICS)}")
-    if trials < 1:
-        raise ConfigError("a search needs at least one trial")
-    options = (options or StorageOptions()).with_environment_endpoint()
-    check_space(config, dimensions)
     # What every trial shares is settled here, once: the knn monitor when it is the metric, a
     # health check at every checkpoint (the metric Tune sees), the data (ingested once), and
     # absolute paths (Tune runs each trial in a directory of its own).
@@ -220,11 +203,10 @@ def search(config: PretrainConfig, dimensions: list[Dimension], trials: int,
         log(f"trials check the held batch every {health_every} steps (telemetry.health_every), "
             f"so that each checkpoint reports the metric")
         base = with_values(base, {"telemetry.health_every": health_every})
-    search_uri = config.run.uri()
     base = with_values(base, {"run.output_dir": config.run.output_root()})
     if base.data.source.url:
         list_shards(base.data.source, options)  # the data must be readable before any trial
-    check_run_directory(search_uri, options)
+    check_run_directory(config.run.uri(), options)
     # A local cluster has room for one trial and its driver.
     ray = ensure_ray(address, num_cpus=local_cpus(base) + 1,
                      metrics_port=base.telemetry.metrics_port)
@@ -237,12 +219,34 @@ def search(config: PretrainConfig, dimensions: list[Dimension], trials: int,
             "train.num_workers or data.view_workers, or give the cluster more CPUs")
     if not base.data.source.url:
         base = with_values(base, {"data.source.url": ensure_sample_shards(base, options, log)})
+    return ray, base
+
+
+def search(config: PretrainConfig, dimensions: list[Dimension], trials: int,
+           metric: str = "rankme", address: str | None = None,
+           options: StorageOptions | None = None, log: Callable[[str], None] = print,
+           first_points: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run the search; returns its summary (also written to SEARCH_DIR/search_results.json).
+
+    ``config.run`` names the search directory (OUTPUT_DIR/NAME). ``first_points``: values the
+    first trials take, before Optuna proposes any.
+    """
+    from ssl_train.runtime.launcher import _storage_filesystem
+
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}: one of {', '.join(METRICS)}")
+    if trials < 1:
+        raise ConfigError("a search needs at least one trial")
+    options = (options or StorageOptions()).with_environment_endpoint()
+    check_space(config, dimensions)
+    ray, base = _prepare(config, metric, address, options, log)
 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     target = METRICS[metric]
+    search_uri = config.run.uri()
     steps = base.train.steps
     grace = min(steps, max(base.train.checkpoint_every, steps // 4))
     parallel = min(trials, concurrent_trials(base, ray.cluster_resources()))
@@ -269,7 +273,7 @@ def search(config: PretrainConfig, dimensions: list[Dimension], trials: int,
     )
     grid = tuner.fit()
     rows = [_row(result, dimensions, target, steps, search_uri) for result in grid]
-    rows.sort(key=lambda row: row["trial"])
+    rows.sort(key=lambda row: int(row["trial"].rsplit("-", 1)[1]))  # trial-NNN, started order
     summary = _summary(rows, target, steps)
     best = summary["best"]
     if best is not None:
