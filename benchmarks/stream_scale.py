@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/stream_scale.py counters --images 512 --epochs 4 --repeats 5
     .venv/bin/python benchmarks/stream_scale.py schedule --sizes 100000x100 1000000x100 1000000x1
     .venv/bin/python benchmarks/stream_scale.py restore --configs vit-s16 vit-b16 --ranks 2
+    .venv/bin/python benchmarks/stream_scale.py straggler --shards 64 --delays 10 30
 
 ``ledger``: a simulated energy ledger of NODES GPU nodes (2 CPU packages, 2 DRAM zones and 8 GPUs
 each, the meters of an 8-GPU server) over DAYS days, written by the meter's own writer
@@ -15,6 +16,9 @@ maximum resident set size), then the growth between the sizes.
 ``counters``: the data stage's throughput (images/s at 224 px, the hybrid's three views, on
 ``benchmarks/data_stage.py``'s ImageNet-like JPEGs) with its counters on (per-process Prometheus
 series, totals sent in batches) and off, in alternating runs; the medians and their difference.
+Then, on this process's clock, the share of a view worker's time spent counting: the same groups
+cut by one view worker in this process, with every call of its tally timed (a throughput figure
+that does not depend on the machine's run-to-run spread).
 
 ``schedule``: the lazy schedule on the driver for SHARDS x EPOCHS (synthetic shard names, nothing
 read): the time to build the dataset, to its first row and to its first ROWS rows (groups),
@@ -27,6 +31,13 @@ CPU processes (gloo) and saved as the workers save it (each rank into its own di
 gathered into one, as Ray Train persists it), then restored by the same number of ranks from
 that directory: the bytes each rank read (and the time), against the checkpoint's size, which is
 what each rank read when every rank downloaded the whole checkpoint.
+
+``straggler``: a stream of SHARDS one-image shards on S3 (a moto server behind the reliability
+suite's fault proxy), groups of ``--group-size``, run once as it is and once for each DELAY with
+the first GET of one shard of epoch 0's second group held back DELAY seconds. For each: the
+longest gap between two batches of the other groups while the straggler was held, against the
+longest gap of the undisturbed stream (the stall is the difference), the samples that arrived
+meanwhile and when the straggler's own arrived; nothing may be lost.
 """
 
 from __future__ import annotations
@@ -174,13 +185,63 @@ def counters_benchmark(images: int, epochs: int, repeats: int, workers: int) -> 
             rates[counting].append(count / (time.perf_counter() - started))
             if counting:
                 assert stage.counters()["images_emitted"] == first + count  # complete totals
-    on, off = statistics.median(rates[True]), statistics.median(rates[False])
-    print(json.dumps({"images": images, "epochs": epochs, "view_workers": workers,
-                      "counters_on_images_per_s": round(on, 1),
-                      "counters_off_images_per_s": round(off, 1),
-                      "on_runs": [round(r, 1) for r in rates[True]],
-                      "off_runs": [round(r, 1) for r in rates[False]],
-                      "on_vs_off_percent": round(100 * (on / off - 1), 2)}, indent=2))
+        share = counting_share(config)
+    result = {"images": images, "epochs": epochs, "view_workers": workers}
+    if repeats:  # --repeats 0: the share alone
+        on, off = statistics.median(rates[True]), statistics.median(rates[False])
+        result.update({"counters_on_images_per_s": round(on, 1),
+                       "counters_off_images_per_s": round(off, 1),
+                       "on_runs": [round(r, 1) for r in rates[True]],
+                       "off_runs": [round(r, 1) for r in rates[False]],
+                       "on_vs_off_percent": round(100 * (on / off - 1), 2)})
+    print(json.dumps({**result, "view_worker_time_counting": share}, indent=2))
+
+
+def counting_share(config) -> dict:
+    """One view worker, in this process, cutting every group of ``config``'s stream with its
+    counters on: the time its tally's calls took (the outermost, each timed) against the time
+    the groups took in all."""
+    from data_stage import SIZE
+
+    from pipelines.stream import stage as stage_module
+    from pipelines.stream.stage import DataStage
+
+    stage = DataStage(config, SIZE)  # the ledger actor, as the workers have it
+    worker = stage_module._ViewMaker(
+        image_size=SIZE, augment=config.augment, quality=config.quality, seed=config.seed,
+        source=config.source, options=stage.options, batch_size=config.view_batch_size,
+        ledger=stage._ledger, run="counting-share")
+    spent, depth = [0.0, 0], [0]
+    originals = {name: getattr(stage_module._Tally, name)
+                 for name in ("add", "shard_read", "sample_dropped", "flush")}
+
+    def timed(original):
+        def call(self, *args, **kwargs):
+            depth[0] += 1
+            started = time.perf_counter()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:  # a flush inside add is add's time
+                    spent[0] += time.perf_counter() - started
+                    spent[1] += 1
+        return call
+
+    groups = list(stage.schedule().iter_batches(batch_size=1, batch_format="numpy"))
+    try:
+        for name, original in originals.items():
+            setattr(stage_module._Tally, name, timed(original))
+        started, emitted = time.perf_counter(), 0
+        for group in groups:
+            emitted += sum(len(out["position"]) for out in worker(group))
+        total = time.perf_counter() - started
+    finally:
+        for name, original in originals.items():
+            setattr(stage_module._Tally, name, original)
+    return {"groups": len(groups), "images": emitted, "seconds": round(total, 2),
+            "tally_calls": spent[1], "tally_seconds": round(spent[0], 4),
+            "percent": round(100 * spent[0] / total, 3)}
 
 
 def _rss_mib() -> float:
@@ -314,6 +375,92 @@ def restore_benchmark(configs: list[str], world: int) -> None:
                                        / max(first["read_mb_by_rank"]), 2)}}))
 
 
+def _arrivals(stage) -> list[tuple[float, set[tuple[int, int]]]]:
+    """(seconds since the stream started, the batch's (epoch, position)s) of every batch."""
+    started, out = time.perf_counter(), []
+    for batch in stage.iter_batches(batch_size=2):
+        out.append((time.perf_counter() - started,
+                    set(zip(batch["epoch"].tolist(), batch["position"].tolist()))))
+    return out
+
+
+def straggler_benchmark(shards: int, group_size: int, delays: list[float], epochs: int,
+                        workers: int) -> None:
+    """The stall a straggling shard causes: the stream's longest gap while it is held, less
+    the undisturbed stream's longest gap (after its first batch)."""
+    import io
+    import uuid
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from pipelines.cluster import ensure_ray
+    from pipelines.sample_images import sample_photographs
+    from pipelines.storage.shards import shard_name, write_shard
+    from pipelines.stream.cursor import DataCursor, epoch_groups, epoch_order
+    from pipelines.stream.stage import DataConfig, DataStage
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the reliability suite's proxy
+    from tests.reliability.faultproxy import Fault, FaultProxy
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    credentials = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    direct = s3fs.S3FileSystem(endpoint_url=f"http://{host}:{port}", key="bench", secret="bench")
+    bucket = f"straggler-{uuid.uuid4().hex[:8]}"
+    direct.mkdir(bucket)
+    photos = sample_photographs(min_side=64)
+    for index in range(shards):
+        photo = photos[index % len(photos)]
+        encoded = io.BytesIO()
+        photo.save(encoded, format="JPEG", quality=90)
+        sink = io.BytesIO()
+        write_shard(sink, [(f"img{index:06d}", "jpg", encoded.getvalue(), {})])
+        direct.pipe(f"{bucket}/shards/{shard_name(index)}", sink.getvalue())
+    with FaultProxy(f"http://{host}:{port}") as proxy:
+        os.environ.update({**credentials, "AWS_ENDPOINT_URL": proxy.url})  # before Ray starts
+        ensure_ray(num_cpus=(os.cpu_count() or 1) + 1)  # as the launcher
+        config = DataConfig.model_validate({
+            "source": {"url": f"s3://{bucket}/shards"}, "epochs": epochs,
+            "read_shards_at_once": group_size, "view_batch_size": 2, "view_workers": workers})
+        group = epoch_groups(shards, DataCursor(seed=0), 0, group_size)[1]
+        slow = {(0, position) for position, _ in group}
+        slow_shard = shard_name(epoch_order(shards, 0, 0)[group[0][0]])
+        baseline = _arrivals(DataStage(config, 32))
+        baseline_gap = _longest_gap([t for t, _ in baseline][1:])  # after the start-up
+        rows = []
+        for delay in delays:
+            fault = proxy.add(Fault("slow", frozenset({"GET"}), path=f"/shards/{slow_shard}$",
+                                    delay_s=delay, limit=1))
+            slowed = _arrivals(DataStage(config, 32))
+            proxy.clear()
+            assert fault.fired == 1, "the straggler's read was never held"
+            assert sum(len(s) for _, s in slowed) == shards * epochs, "samples were lost"
+            arrives = min(t for t, samples in slowed if samples & slow)
+            held = [t for t, samples in slowed[1:] if not samples & slow and t <= arrives]
+            if held[-1] - held[0] < delay / 2:
+                raise SystemExit(f"the stream ended before the {delay:g} s straggler: "
+                                 f"raise --epochs")
+            rows.append({
+                "delay_s": delay, "straggler_arrives_s": round(arrives, 2),
+                "samples_while_held": sum(len(s) for t, s in slowed if t < arrives),
+                "longest_gap_while_held_s": round(_longest_gap(held), 2),
+                "longest_gap_without_straggler_s": round(baseline_gap, 2),
+                "stall_s": round(max(0.0, _longest_gap(held) - baseline_gap), 2),
+                "stream_s": round(slowed[-1][0], 2),
+                "stream_without_straggler_s": round(baseline[-1][0], 2)})
+            print(json.dumps(rows[-1]), flush=True)
+    server.stop()
+    print(json.dumps({"shards": shards, "group_size": group_size, "epochs": epochs,
+                      "view_workers": workers, "straggler": rows}, indent=2))
+
+
+def _longest_gap(times: list[float]) -> float:
+    return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -336,6 +483,12 @@ def main() -> None:
     restore = commands.add_parser("restore", help="checkpoint bytes read per rank on restore")
     restore.add_argument("--configs", nargs="+", default=["vit-s16", "vit-b16"])
     restore.add_argument("--ranks", type=int, default=2)
+    straggling = commands.add_parser("straggler", help="the stall a straggling shard causes")
+    straggling.add_argument("--shards", type=int, default=64)
+    straggling.add_argument("--group-size", type=int, default=4)
+    straggling.add_argument("--delays", type=float, nargs="+", default=[10.0, 30.0])
+    straggling.add_argument("--epochs", type=int, default=8)
+    straggling.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     if args.command == "ledger":
         ledger_benchmark(args.nodes, sorted(args.days))
@@ -344,6 +497,9 @@ def main() -> None:
                            args.group_size, args.rows, args.per_item)
     elif args.command == "restore":
         restore_benchmark(args.configs, args.ranks)
+    elif args.command == "straggler":
+        straggler_benchmark(args.shards, args.group_size, args.delays, args.epochs,
+                            args.workers)
     else:
         counters_benchmark(args.images, args.epochs, args.repeats, args.workers)
 

@@ -174,7 +174,6 @@ def test_a_straggling_shard_does_not_stop_the_stream(faulty_s3, ray_local, figur
     slow_shard = shard_name(epoch_order(total, 0, 0)[group[0][0]])
     delay = 10.0
 
-    baseline = _arrivals(DataStage(config, 32))
     fault = proxy.add(Fault("slow", frozenset({"GET"}), path=f"/shards/{slow_shard}$",
                             delay_s=delay, limit=1))
     slowed = _arrivals(DataStage(config, 32))
@@ -183,14 +182,16 @@ def test_a_straggling_shard_does_not_stop_the_stream(faulty_s3, ray_local, figur
     slow_arrives = min(t for t, samples in slowed if samples & slow)
     first = slowed[0][0]
     assert slow_arrives >= delay
-    # While the straggler is held, the other groups keep coming, as often as without it.
+    # While the straggler is held, the other groups keep coming, about as often as they do
+    # once it has arrived (the stream's own rhythm, measured on the same run).
     held = [t for t, samples in slowed if not samples & slow and t <= slow_arrives]
+    after = [t for t, _ in slowed if t >= slow_arrives]
     assert held[-1] - first >= delay / 2, "the stream ended before the straggler: lengthen it"
-    gap_held, gap_baseline = _longest_gap(held), _longest_gap([t for t, _ in baseline])
+    assert len(after) >= 10, "the stream ended with the straggler: lengthen it"
+    gap_held, gap_after = _longest_gap(held), _longest_gap(after)
     assert gap_held < delay / 4, (gap_held, slowed[:50])
     figures(straggler_delay_s=delay, straggler_arrives_s=round(slow_arrives, 2),
             samples_while_held=sum(len(s) for t, s in slowed if t < slow_arrives),
             longest_gap_while_held_s=round(gap_held, 2),
-            longest_gap_without_straggler_s=round(gap_baseline, 2),
-            stall_s=round(max(0.0, gap_held - gap_baseline), 2),
-            stream_s=round(slowed[-1][0], 2), stream_without_straggler_s=round(baseline[-1][0], 2))
+            longest_gap_after_it_s=round(gap_after, 2),
+            stall_s=round(max(0.0, gap_held - gap_after), 2), stream_s=round(slowed[-1][0], 2))

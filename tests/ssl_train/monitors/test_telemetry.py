@@ -122,8 +122,9 @@ def test_a_two_worker_run_exports_every_metric_family(tmp_path, ray_local, sampl
                                       "objectives.dino.head.hidden_dim=128",
                                       "objectives.dino.local_crops=2",
                                       f"run.output_dir={tmp_path}",
-                                      "run.name=telemetry", "train.steps=20",
-                                      "train.checkpoint_every=10", "telemetry.health_every=10",
+                                      "run.name=telemetry", "train.steps=10",
+                                      "train.checkpoint_every=5", "telemetry.health_every=5",
+                                      "energy.projection_after_steps=6",
                                       "telemetry.knn_monitor=digits"])
     scrapes: list[dict] = []
     done = threading.Event()
@@ -149,7 +150,7 @@ def test_a_two_worker_run_exports_every_metric_family(tmp_path, ray_local, sampl
         steps = [_value(s, "ssl_step", run="telemetry", rank="0") for s in scrapes]
         steps = [v for v in steps if v is not None]
         assert len(set(steps)) >= 2 and steps == sorted(steps)  # the step increases
-        assert _value(final, "ssl_step", run="telemetry", rank="0") == 20
+        assert _value(final, "ssl_step", run="telemetry", rank="0") == 10
         for name in TRAINING_GAUGES:
             assert _value(final, name, run="telemetry") is not None, name
         for rank in ("0", "1"):
@@ -162,7 +163,7 @@ def test_a_two_worker_run_exports_every_metric_family(tmp_path, ray_local, sampl
         assert signals == {"dino_teacher_entropy", "dino_kl"}
         assert 0 < _value(final, "ssl_embedding_std", run="telemetry", rank="0") < 1
         assert _value(final, "ssl_checkpoint_bytes", run="telemetry", rank="0") > 0
-        assert _value(final, "ssl_data_images_emitted_total", run="telemetry") >= 20 * 8
+        assert _value(final, "ssl_data_images_emitted_total", run="telemetry") >= 10 * 8
         # One energy series per stage, node, device, component and source; CO2e per stage.
         energy = [s for s in final["ssl_energy_joules_total"] if s.labels["run"] == "telemetry"]
         assert {s.labels["stage"] for s in energy} == {"train", "data", "idle"}
@@ -176,7 +177,7 @@ def test_a_two_worker_run_exports_every_metric_family(tmp_path, ray_local, sampl
             if result or time.time() > deadline:
                 break
             time.sleep(1)
-        assert result and max(float(r["value"][1]) for r in result) >= 10
+        assert result and max(float(r["value"][1]) for r in result) >= 5
         # Over a window: a finished run's series go stale, and an instant query misses them.
         assert _query(prometheus_port,
                       'last_over_time(ssl_loss{run="telemetry",component="masked"}[10m])')
