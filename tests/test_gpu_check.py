@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ABSENT_ON_THE_GPU_MACHINE = ("ray", "s3fs", "imagehash", "codecarbon", "botocore", "aiobotocore")
 
@@ -31,19 +33,25 @@ RUN_WITHOUT = textwrap.dedent("""
 """)
 
 
-def test_gpu_check_runs_on_the_cpu_without_ray(tmp_path):
+# The compiled case costs some 30 s more on 2 cores (inductor builds C++ for the CPU, where the
+# GPU builds Triton kernels): a long variant, run by make reliability.
+@pytest.mark.parametrize("variants", [
+    "off", pytest.param("both", marks=[pytest.mark.full, pytest.mark.reliability])])
+def test_gpu_check_runs_on_the_cpu_without_ray(variants, tmp_path):
     out = tmp_path / "gpu_check.json"
     result = subprocess.run(
         [sys.executable, "-c", RUN_WITHOUT, ",".join(ABSENT_ON_THE_GPU_MACHINE),
-         str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--out", str(out)],
+         str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--compile", variants,
+         "--out", str(out)],
         capture_output=True, text=True, timeout=900, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert json.loads(result.stdout) == report
     assert report["skipped"] == []
+    compiled = {"off": [False], "both": [False, True]}[variants]
     assert [(r["model"], r["compile"]) for r in report["results"]] == [
-        ("tiny-cpu", False), ("tiny-cpu", True)]
+        ("tiny-cpu", c) for c in compiled]
     for row in report["results"]:
         assert row["precision"] == {"param_dtype": "bfloat16", "reduce_dtype": "float32",
                                     "loss_dtype": "float32"}

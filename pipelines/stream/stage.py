@@ -404,11 +404,27 @@ def _stable_hash(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
+def open_ledger(name: str | None = None):
+    """A handle on the stage's ledger: the one named ``name`` (in ``LEDGER_NAMESPACE``) if it
+    exists, else a new one. Ray ends an actor once its creator's handles are gone (handles found
+    by name do not count), so a run's driver opens the named ledger first and holds it: the data
+    stages of its restarted worker groups then find the same one. (Opened by the first stage
+    instead, it ended with that stage's dataset at the first restart, and the restarted rank 0,
+    looking it up, failed the run once more: measured, two restarts for one killed worker.)"""
+    import ray
+
+    actor = ray.remote(num_cpus=0)(_Ledger)
+    if name is not None:
+        actor = actor.options(name=name, namespace=LEDGER_NAMESPACE, get_if_exists=True)
+    return actor.remote()
+
+
 class DataStage:
     """One run's data stage: the shard list, the Ray Data dataset and its ledger.
 
     ``ledger_name`` names the ledger actor (in ``LEDGER_NAMESPACE``) so that a training worker
-    can find it; a stage built again under the same name (a restarted worker group) shares it.
+    can find it; a stage built again under the same name (a restarted worker group) shares it,
+    as long as whoever opened it first holds its handle (``open_ledger``).
     """
 
     def __init__(self, config: DataConfig, image_size: int, options: StorageOptions | None = None,
@@ -429,11 +445,7 @@ class DataStage:
         # counters=False: no series, no totals (only to measure what counting costs)
         self._ledger = None
         if counters:
-            actor = self.ray.remote(num_cpus=0)(_Ledger)
-            if ledger_name is not None:
-                actor = actor.options(name=ledger_name, namespace=LEDGER_NAMESPACE,
-                                      get_if_exists=True)
-            self._ledger = actor.remote()
+            self._ledger = open_ledger(ledger_name)
 
     def schedule(self):
         """The groups from the cursor to the end of the configured epochs, one block each."""

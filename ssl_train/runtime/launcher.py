@@ -14,6 +14,7 @@ import functools
 import hashlib
 import math
 import os
+import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
@@ -218,8 +219,14 @@ def _train_holding_the_lease(config: PretrainConfig, address: str | None,
 
         hook = functools.partial(register_process, energy, "data")
 
-    # The data stage's ledger, found by rank 0 at each checkpoint; one per run directory.
-    ledger_name = f"ledger-{hashlib.sha256(run_uri.encode()).hexdigest()[:16]}"
+    # The data stage's ledger, found by rank 0 at each checkpoint; one per call (a slice of the
+    # same run gets its own). Held here until the run ends, so that it outlives the data stage
+    # of a worker group that is restarted.
+    from pipelines.stream.stage import open_ledger
+
+    ledger_name = (f"ledger-{hashlib.sha256(run_uri.encode()).hexdigest()[:16]}-"
+                   f"{uuid.uuid4().hex[:8]}")
+    data_ledger = open_ledger(ledger_name)
 
     def dataset_factory():
         from pipelines.stream.stage import DataStage
@@ -274,6 +281,8 @@ def _train_holding_the_lease(config: PretrainConfig, address: str | None,
         if storage is None:
             raise
         raise storage from err
+    finally:
+        del data_ledger  # the ledger ends with the run (its last counts may still be arriving)
     if energy is not None:
         from ssl_train.energy.report import write_report
 
