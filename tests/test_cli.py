@@ -58,6 +58,7 @@ def test_train_runs_on_the_sample_photographs_and_writes_a_run_directory(tmp_pat
     # no Python warnings.
     console = result.stdout + result.stderr
     assert "Reporting training result" not in console
+    assert "Checkpoint successfully created" not in console  # from every rank, every checkpoint
     assert "Warning" not in console, [line for line in console.splitlines() if "Warning" in line]
     assert f"run directory: {tmp_path}/smoke" in result.stdout
     assert not (tmp_path / "smoke" / "run.lease.json").exists()  # released at the end

@@ -62,13 +62,16 @@ def _say(line: str) -> None:
 
 def _quiet_report_dumps() -> None:
     """Ray Train logs each ``ray.train.report`` of every rank with its whole metrics dict, at
-    INFO, on the driver's console; the progress line already says what matters, and
-    metrics.jsonl keeps everything. Its warnings and errors still show."""
+    INFO, on the driver's console, and "Checkpoint successfully created" from every rank at
+    every checkpoint (512 lines a checkpoint at 512 ranks); the progress line already says what
+    matters, and metrics.jsonl keeps everything, each checkpoint's event included. Their
+    warnings and errors still show."""
     import logging
 
-    from ray.train.v2._internal.execution import context
+    from ray.train.v2._internal.execution import context, storage
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)  # Ray names it by its file
+    logging.getLogger(storage.__name__).setLevel(logging.WARNING)
 
 
 HEALTH_ROWS = 1024  # the held rows of all ranks together the signals are computed on, at most
