@@ -406,11 +406,11 @@ def _stable_hash(text: str) -> int:
 
 def open_ledger(name: str | None = None):
     """A handle on the stage's ledger: the one named ``name`` (in ``LEDGER_NAMESPACE``) if it
-    exists, else a new one. Ray ends an actor once its creator's handles are gone (handles found
-    by name do not count), so a run's driver opens the named ledger first and holds it: the data
-    stages of its restarted worker groups then find the same one. (Opened by the first stage
-    instead, it ended with that stage's dataset at the first restart, and the restarted rank 0,
-    looking it up, failed the run once more: measured, two restarts for one killed worker.)"""
+    exists, else a new one. A non-detached actor lives as long as its creator's references, so a
+    run's driver opens the named ledger first and holds it: the data stages of its restarted
+    worker groups then find the same one. (Opened by the first stage instead, it was gone after
+    the first restart, and the restarted rank 0, looking it up, failed the run once more:
+    measured, two restarts for one killed worker.)"""
     import ray
 
     actor = ray.remote(num_cpus=0)(_Ledger)
