@@ -206,11 +206,8 @@ def counting_share(config) -> dict:
     from pipelines.stream import stage as stage_module
     from pipelines.stream.stage import DataStage
 
-    stage = DataStage(config, SIZE)  # the ledger actor, as the workers have it
-    worker = stage_module._ViewMaker(
-        image_size=SIZE, augment=config.augment, quality=config.quality, seed=config.seed,
-        source=config.source, options=stage.options, batch_size=config.view_batch_size,
-        ledger=stage._ledger, run="counting-share")
+    stage = DataStage(config, SIZE, run_name="counting-share")  # its ledger a real actor
+    worker = stage_module._ViewMaker(**stage.view_worker_kwargs())
     spent, depth = [0.0, 0], [0]
     originals = {name: getattr(stage_module._Tally, name)
                  for name in ("add", "shard_read", "sample_dropped", "flush")}
@@ -375,15 +372,6 @@ def restore_benchmark(configs: list[str], world: int) -> None:
                                        / max(first["read_mb_by_rank"]), 2)}}))
 
 
-def _arrivals(stage) -> list[tuple[float, set[tuple[int, int]]]]:
-    """(seconds since the stream started, the batch's (epoch, position)s) of every batch."""
-    started, out = time.perf_counter(), []
-    for batch in stage.iter_batches(batch_size=2):
-        out.append((time.perf_counter() - started,
-                    set(zip(batch["epoch"].tolist(), batch["position"].tolist()))))
-    return out
-
-
 def straggler_benchmark(shards: int, group_size: int, delays: list[float], epochs: int,
                         workers: int) -> None:
     """The stall a straggling shard causes: the stream's longest gap while it is held, less
@@ -400,7 +388,8 @@ def straggler_benchmark(shards: int, group_size: int, delays: list[float], epoch
     from pipelines.stream.cursor import DataCursor, epoch_groups, epoch_order
     from pipelines.stream.stage import DataConfig, DataStage
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the reliability suite's proxy
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.reliability: proxy, timing
+    from tests.reliability.arrivals import arrivals, longest_gap
     from tests.reliability.faultproxy import Fault, FaultProxy
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -428,13 +417,13 @@ def straggler_benchmark(shards: int, group_size: int, delays: list[float], epoch
         group = epoch_groups(shards, DataCursor(seed=0), 0, group_size)[1]
         slow = {(0, position) for position, _ in group}
         slow_shard = shard_name(epoch_order(shards, 0, 0)[group[0][0]])
-        baseline = _arrivals(DataStage(config, 32))
-        baseline_gap = _longest_gap([t for t, _ in baseline][1:])  # after the start-up
+        baseline = arrivals(DataStage(config, 32))
+        baseline_gap = longest_gap([t for t, _ in baseline][1:])  # after the start-up
         rows = []
         for delay in delays:
             fault = proxy.add(Fault("slow", frozenset({"GET"}), path=f"/shards/{slow_shard}$",
                                     delay_s=delay, limit=1))
-            slowed = _arrivals(DataStage(config, 32))
+            slowed = arrivals(DataStage(config, 32))
             proxy.clear()
             assert fault.fired == 1, "the straggler's read was never held"
             assert sum(len(s) for _, s in slowed) == shards * epochs, "samples were lost"
@@ -443,22 +432,19 @@ def straggler_benchmark(shards: int, group_size: int, delays: list[float], epoch
             if held[-1] - held[0] < delay / 2:
                 raise SystemExit(f"the stream ended before the {delay:g} s straggler: "
                                  f"raise --epochs")
+            gap_held = longest_gap(held)
             rows.append({
                 "delay_s": delay, "straggler_arrives_s": round(arrives, 2),
                 "samples_while_held": sum(len(s) for t, s in slowed if t < arrives),
-                "longest_gap_while_held_s": round(_longest_gap(held), 2),
+                "longest_gap_while_held_s": round(gap_held, 2),
                 "longest_gap_without_straggler_s": round(baseline_gap, 2),
-                "stall_s": round(max(0.0, _longest_gap(held) - baseline_gap), 2),
+                "stall_s": round(max(0.0, gap_held - baseline_gap), 2),
                 "stream_s": round(slowed[-1][0], 2),
                 "stream_without_straggler_s": round(baseline[-1][0], 2)})
             print(json.dumps(rows[-1]), flush=True)
     server.stop()
     print(json.dumps({"shards": shards, "group_size": group_size, "epochs": epochs,
                       "view_workers": workers, "straggler": rows}, indent=2))
-
-
-def _longest_gap(times: list[float]) -> float:
-    return max((b - a for a, b in zip(times, times[1:])), default=0.0)
 
 
 def main() -> None:

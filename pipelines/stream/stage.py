@@ -467,14 +467,7 @@ class DataStage:
             # some 40 s of cutting in a group of 16 shards of 2,500 images.)
             compute=ray.data.ActorPoolStrategy(size=self.config.view_workers,
                                                max_tasks_in_flight_per_actor=1),
-            fn_constructor_kwargs={
-                "image_size": self.image_size, "augment": self.config.augment,
-                "quality": self.config.quality, "seed": self.config.seed,
-                "source": self.config.source, "options": self.options,
-                "batch_size": self.config.view_batch_size,
-                "ledger": self._ledger, "run": self.run_name, "process_hook": self.process_hook,
-                "views": self.views,
-            },
+            fn_constructor_kwargs=self.view_worker_kwargs(),
         )
         ds.context.execution_options.preserve_order = False
         # Ray Data merges what a task yields into blocks of up to ``target_max_block_size``
@@ -483,6 +476,17 @@ class DataStage:
         # it is cut (not sliced either: Ray Data slices blocks of 1.5 times the target or more).
         ds.context.target_max_block_size = int(0.8 * self.batch_bytes())
         return ds
+
+    def view_worker_kwargs(self) -> dict[str, Any]:
+        """What each view worker (``_ViewMaker``) of this stage is built with."""
+        return {
+            "image_size": self.image_size, "augment": self.config.augment,
+            "quality": self.config.quality, "seed": self.config.seed,
+            "source": self.config.source, "options": self.options,
+            "batch_size": self.config.view_batch_size,
+            "ledger": self._ledger, "run": self.run_name, "process_hook": self.process_hook,
+            "views": self.views,
+        }
 
     def batch_bytes(self) -> int:
         """The bytes of one full view batch: every view's pixels, photometric parameters."""

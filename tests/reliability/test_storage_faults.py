@@ -27,6 +27,7 @@ from ssl_train.train.checkpoint import (
     local_copy,
     verify_checkpoint,
 )
+from tests.reliability.arrivals import arrivals, longest_gap
 from tests.reliability.conftest import tiny_overrides
 from tests.reliability.faultproxy import READS, WRITES, Fault
 
@@ -147,19 +148,6 @@ def test_an_outage_ends_the_run_clearly_and_keeps_the_last_checkpoint(faulty_s3,
             last_checkpoint_step=step)
 
 
-def _arrivals(stage: DataStage) -> list[tuple[float, set[tuple[int, int]]]]:
-    """(seconds since the stream started, the batch's (epoch, position)s) of every batch."""
-    started, out = time.perf_counter(), []
-    for batch in stage.iter_batches(batch_size=2):
-        out.append((time.perf_counter() - started,
-                    set(zip(batch["epoch"].tolist(), batch["position"].tolist()))))
-    return out
-
-
-def _longest_gap(times: list[float]) -> float:
-    return max((b - a for a, b in zip(times, times[1:])), default=0.0)
-
-
 def test_a_straggling_shard_does_not_stop_the_stream(faulty_s3, ray_local, figures):
     from pipelines.stream.cursor import DataCursor, epoch_groups, epoch_order
 
@@ -176,7 +164,7 @@ def test_a_straggling_shard_does_not_stop_the_stream(faulty_s3, ray_local, figur
 
     fault = proxy.add(Fault("slow", frozenset({"GET"}), path=f"/shards/{slow_shard}$",
                             delay_s=delay, limit=1))
-    slowed = _arrivals(DataStage(config, 32))
+    slowed = arrivals(DataStage(config, 32))
     assert fault.fired == 1
     assert sum(len(samples) for _, samples in slowed) == total * epochs  # nothing is lost
     slow_arrives = min(t for t, samples in slowed if samples & slow)
@@ -188,7 +176,7 @@ def test_a_straggling_shard_does_not_stop_the_stream(faulty_s3, ray_local, figur
     after = [t for t, _ in slowed if t >= slow_arrives]
     assert held[-1] - first >= delay / 2, "the stream ended before the straggler: lengthen it"
     assert len(after) >= 10, "the stream ended with the straggler: lengthen it"
-    gap_held, gap_after = _longest_gap(held), _longest_gap(after)
+    gap_held, gap_after = longest_gap(held), longest_gap(after)
     assert gap_held < delay / 4, (gap_held, slowed[:50])
     figures(straggler_delay_s=delay, straggler_arrives_s=round(slow_arrives, 2),
             samples_while_held=sum(len(s) for t, s in slowed if t < slow_arrives),

@@ -1,0 +1,21 @@
+"""When a stream's batches arrive: the measure of a stall, shared by the straggler test and
+``benchmarks/stream_scale.py straggler``."""
+
+from __future__ import annotations
+
+import time
+
+
+def arrivals(stage, batch_size: int = 2) -> list[tuple[float, set[tuple[int, int]]]]:
+    """(seconds since the stream started, the batch's (epoch, position)s) of every batch of a
+    ``DataStage``."""
+    started, out = time.perf_counter(), []
+    for batch in stage.iter_batches(batch_size=batch_size):
+        out.append((time.perf_counter() - started,
+                    set(zip(batch["epoch"].tolist(), batch["position"].tolist()))))
+    return out
+
+
+def longest_gap(times: list[float]) -> float:
+    """The longest wait between two consecutive times (0 for fewer than two)."""
+    return max((b - a for a, b in zip(times, times[1:])), default=0.0)
