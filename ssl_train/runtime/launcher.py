@@ -34,6 +34,7 @@ from pipelines.storage.access import (
 from pipelines.stream.cursor import DataCursor
 from pipelines.stream.sources import list_shards
 from ssl_train.config import PretrainConfig
+from ssl_train.runtime.console import DriverConsole
 from ssl_train.runtime.lease import RunLease
 from ssl_train.train.checkpoint import CheckpointError, latest_complete_checkpoint, read_train_state
 
@@ -245,6 +246,7 @@ def _train_holding_the_lease(config: PretrainConfig, address: str | None,
         return ds
 
     storage_path, storage_fs = _storage_filesystem(config.run.output_dir, options)
+    console = DriverConsole(log)  # rank 0's progress lines, printed here
     loop_config: dict[str, Any] = {
         "config": config.model_dump(mode="json"),
         "storage": dataclasses.asdict(options),
@@ -253,6 +255,7 @@ def _train_holding_the_lease(config: PretrainConfig, address: str | None,
         "num_shards": len(shards),
         "data_ledger": ledger_name,
         "stop_step": stop_step,
+        "console": console.writer(),
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -274,7 +277,7 @@ def _train_holding_the_lease(config: PretrainConfig, address: str | None,
     from ray.exceptions import RayTaskError
 
     try:
-        with _node_meters(energy, config.run.name, log):
+        with _node_meters(energy, config.run.name, log), console:
             trainer.fit()
     except (ray.train.TrainingFailedError, RayTaskError) as err:  # RayTaskError: the ledger
         storage = storage_failure(err, run_uri, options)

@@ -3,15 +3,14 @@
 Builds the model, shards it (``ssl_train.distributed.fsdp``), resumes from the run's latest complete
 checkpoint, consumes this worker's split of the data stage, and every ``checkpoint_every`` steps
 writes a checkpoint (model, optimizer, scheduler, step, data cursor; loss weights are model
-parameters) through ``ray.train.report``. Rank 0 logs every step to ``metrics.jsonl`` and prints
-progress. Randomness is a function of (seed, step, rank), so a resumed run continues the same
+parameters) through ``ray.train.report``. Rank 0 logs every step to ``metrics.jsonl`` and writes the
+progress lines the driver prints (``ssl_train.runtime.console``). Randomness is a function of (seed, step, rank), so a resumed run continues the same
 random stream without saving generator states.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,12 +51,6 @@ from ssl_train.train.checkpoint import (
 )
 from ssl_train.train.loop import Trainer, progress_line
 from ssl_train.train.step import normalize_views
-
-
-def _say(line: str) -> None:
-    """One line to the driver's terminal (Ray Train's patched print would log it twice)."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def _quiet_report_dumps() -> None:
@@ -186,6 +179,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     _quiet_report_dumps()
+    say = loop_config["console"]  # rank 0's lines, printed by the driver (runtime.console)
     config = PretrainConfig.model_validate(loop_config["config"])
     options = StorageOptions(**loop_config["storage"])
     run_uri = loop_config["run_uri"]
@@ -213,7 +207,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         read = gather_objects(restored.bytes_read)
         restore = {"checkpoint_bytes": restored.bytes_total, "bytes_read_by_rank": read}
         if is_chief:
-            _say(f"resumed from {resume_uri} at step {step} (data cursor: epoch "
+            say(f"resumed from {resume_uri} at step {step} (data cursor: epoch "
                  f"{cursor.epoch}, {cursor.shards_consumed} shards consumed in order and "
                  f"{len(cursor.done)} after them; "
                  f"{replaying} samples of shards in flight are read again; checkpoint of "
@@ -330,7 +324,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 estimate = projection.estimate(step)
                 log.append(estimate)
                 telemetry.record_projection(estimate)
-                _say(projection.describe(estimate))
+                say(projection.describe(estimate))
             if step % config.train.log_every == 0 or step == stop_step:
                 if energy is not None:
                     board.scalars(step, {"energy_joules_so_far": run_total_joules(energy.run)})
@@ -339,11 +333,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if not said_precision:  # the first line says what the numbers were computed in
                     line += f" | {world} x {device.type}: {precision.describe()}"
                     said_precision = True
-                _say(line)
+                say(line)
         if step % config.train.checkpoint_every == 0 and step < stop_step:
             checkpoint()
     if is_chief and step < stop_step:
-        _say(f"the data ran out at step {step} of {config.train.steps}: raise data.epochs")
+        say(f"the data ran out at step {step} of {config.train.steps}: raise data.epochs")
     checkpoint()
     if log is not None:
         log.close()
