@@ -1,6 +1,7 @@
 """Data-stage throughput on this machine: decode bound, a DataLoader peer, and our pipeline.
 
     .venv/bin/python benchmarks/data_stage.py --images 512 --workers 2 --epochs 8 --repeats 3 --profile
+    .venv/bin/python benchmarks/data_stage.py --images 512 --workers 2 --epochs 8 --repeats 3 --stage-only --cpu-split
 
 Makes ImageNet-like JPEGs (about 500x375, quality 90) from scikit-image's photographs, ingests
 them into local WebDataset shards, then measures, at 224 px with two SimCLR views and one MAE
@@ -14,7 +15,10 @@ view per image:
 Our stage runs --repeats times per mode and the median is kept (run-to-run spread on this
 2-core machine is large: the consumer shares the cores with the stage's actors).
 Prints one JSON object with every figure and the ratios 3/2, 3/1 and 4/1, and, with --profile,
-where the time of one image goes in each mode of our stage.
+where the time of one image goes in each mode of our stage. With --cpu-split, each timed run's
+CPU seconds by kind of process (which of them took the cores), and the view worker's CPU an image
+in this process without Ray: the two together say whether a change in throughput is the stage's
+own work or how it runs under Ray.
 """
 
 from __future__ import annotations
@@ -129,9 +133,10 @@ def bench_dataloader(paths: list[Path], workers: int, batch_size: int, epochs: i
 
 
 def bench_stage(shards: str, photometric_on: str, workers: int, batch_size: int,
-                epochs: int, repeats: int, settings: dict | None = None
-                ) -> tuple[list[float], dict]:
-    """Images/s of ``repeats`` full runs of our stage (start-up and first batch not timed)."""
+                epochs: int, repeats: int, settings: dict | None = None,
+                split: list | None = None) -> tuple[list[float], dict]:
+    """Images/s of ``repeats`` full runs of our stage (start-up and first batch not timed);
+    with ``split``, each run's CPU seconds by kind of process are appended to it."""
     config = DataConfig.model_validate({
         "source": {"url": shards}, "epochs": epochs, "view_workers": workers,
         "augment": {"photometric_on": photometric_on}, **(settings or {}),
@@ -141,11 +146,88 @@ def bench_stage(shards: str, photometric_on: str, workers: int, batch_size: int,
         stage = DataStage(config, SIZE)
         iterator = iter(stage.iter_batches(batch_size))
         next(iterator)
+        cpu = cpu_seconds()
         started, count = time.perf_counter(), 0
         for batch in iterator:
             count += len(batch["view_a"])
-        rates.append(count / (time.perf_counter() - started))
+        wall = time.perf_counter() - started
+        rates.append(count / wall)
+        if split is not None:
+            split.append(cpu_split(cpu, cpu_seconds(), wall))
     return rates, stage.counters()
+
+
+def in_process_cpu_ms(shards: str, photometric_on: str, settings: dict, repeats: int = 3
+                      ) -> float:
+    """CPU milliseconds an image of one view worker cutting one epoch's groups in this process,
+    on one thread as a Ray worker of one CPU runs, best of ``repeats``: the stage's own cost
+    an image, without Ray around it."""
+    from pipelines.stream import stage as stage_module
+
+    config = DataConfig.model_validate({
+        "source": {"url": shards}, "epochs": 1,
+        "augment": {"photometric_on": photometric_on}, **settings,
+    })
+    stage = DataStage(config, SIZE, counters=False)
+    groups = list(stage.schedule().iter_batches(batch_size=1, batch_format="numpy"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # process_time counts every thread's time
+    best = float("inf")
+    try:
+        for _ in range(repeats):
+            worker = stage_module._ViewMaker(**stage.view_worker_kwargs())
+            started, images = time.process_time(), 0
+            for group in groups:
+                images += sum(len(out["position"]) for out in worker(group))
+            best = min(best, (time.process_time() - started) / images)
+    finally:
+        torch.set_num_threads(threads)
+    return 1000 * best
+
+
+def _process_kind(process) -> str | None:
+    """What a process of this machine is to the benchmark: a Ray worker by its task or actor,
+    this driver, Ray's daemons; None for the rest."""
+    try:
+        cmdline = process.cmdline()
+    except Exception:
+        return None
+    if process.pid == os.getpid():
+        return "driver (the consumer)"
+    if cmdline and cmdline[0].startswith("ray::"):
+        return cmdline[0]
+    joined = " ".join(cmdline)
+    for daemon in ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py"):
+        if daemon in joined:
+            return f"ray daemon: {daemon}"
+    return None
+
+
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """pid -> (kind, user + system CPU seconds so far) of every process that matters here."""
+    import psutil
+
+    seen = {}
+    for process in psutil.process_iter():
+        kind = _process_kind(process)
+        if kind is not None:
+            try:
+                times = process.cpu_times()
+            except Exception:
+                continue
+            seen[process.pid] = (kind, times.user + times.system)
+    return seen
+
+
+def cpu_split(before: dict, after: dict, wall: float) -> dict[str, float]:
+    """CPU seconds by kind of process between two readings, and the window's wall seconds: the
+    share of the machine's cores each kind took. (A process that started and ended between the
+    readings is missed; one that started after the first is counted from its start.)"""
+    totals: dict[str, float] = {"wall_seconds": round(wall, 2)}
+    for pid, (kind, seconds) in after.items():
+        used = seconds - before.get(pid, (kind, 0.0))[1]
+        totals[kind] = round(totals.get(kind, 0.0) + used, 2)
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
 def bench_device_photometric(batch_size: int, device: str, repeat: int = 5) -> float:
@@ -200,6 +282,9 @@ def main() -> None:
                         help="a data-stage setting for stages 3 and 4, e.g. read_tasks=1")
     parser.add_argument("--samples-per-shard", type=int, default=32,
                         help="images a shard (a group is data.read_shards_at_once shards)")
+    parser.add_argument("--cpu-split", action="store_true",
+                        help="also give each run's CPU seconds by kind of process, and the "
+                             "view worker's CPU an image in this process, without Ray")
     parser.add_argument("--stage-only", action="store_true",
                         help="measure stages 3 and 4 only (not the bound and the peer)")
     args = parser.parse_args()
@@ -222,10 +307,11 @@ def main() -> None:
         results["1_decode_images_per_s"] = bench_decode(datas, args.workers)
         results["2_dataloader_torchvision_v2_images_per_s"] = bench_dataloader(
             paths, args.workers, args.batch_size, args.epochs)
+    split3, split4 = ([], []) if args.cpu_split else (None, None)
     rates3, counters3 = bench_stage(str(work / "shards"), "data", args.workers,
-                                    args.batch_size, args.epochs, args.repeats, settings)
+                                    args.batch_size, args.epochs, args.repeats, settings, split3)
     rates4, counters4 = bench_stage(str(work / "shards"), "device", args.workers,
-                                    args.batch_size, args.epochs, args.repeats, settings)
+                                    args.batch_size, args.epochs, args.repeats, settings, split4)
     results["3_ray_stage_photometric_on_data_images_per_s"] = float(np.median(rates3))
     results["3_runs"] = [round(r, 1) for r in rates3]
     results["4_ray_stage_photometric_on_device_images_per_s"] = float(np.median(rates4))
@@ -242,6 +328,15 @@ def main() -> None:
         results["ratio_3_over_2"] = r3 / r2
         results["ratio_3_over_1"] = r3 / r1
         results["ratio_4_over_1"] = r4 / r1
+    if args.cpu_split:
+        results["3_cpu_seconds_by_process"] = split3
+        results["4_cpu_seconds_by_process"] = split4
+        for name, mode in (("3", "data"), ("4", "device")):
+            try:
+                results[f"{name}_in_process_cpu_ms_per_image"] = in_process_cpu_ms(
+                    str(work / "shards"), mode, settings)
+            except (AttributeError, TypeError):  # an older stage (run against an old tree)
+                results[f"{name}_in_process_cpu_ms_per_image"] = None
     results["counters_stage_3"] = counters3
     results["counters_stage_4"] = counters4
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()},

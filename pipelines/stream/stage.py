@@ -232,21 +232,31 @@ def schedule_dataset(shards: list[str], cursor: DataCursor, epochs: int, group_s
         fn_kwargs={"shards": [ray.put(shards)], "cursor": cursor.to_dict(),
                    "first_epoch": cursor.epoch, "group_size": group_size},
     ).repartition(target_num_rows_per_block=1)
-    return _without_cpus(groups)
+    return _fused_into_the_schedule(groups)
 
 
-def _without_cpus(ds):
-    """``ds`` with its last operator's tasks taking no CPU.
+def _fused_into_the_schedule(ds):
+    """``ds`` with its last operator (the repartition into one group a block) taking no CPU and
+    one task at a time, as the schedule's map does, so that Ray Data fuses the two into one
+    task.
 
-    Ray Data 2.60's ``repartition(target_num_rows_per_block=...)`` takes no remote args, and its
-    tasks (one group's row to a block: no work) each took a CPU. On a cluster with no CPU to
-    spare beyond the workers, two of them took the view workers' CPUs and the stream never
-    started (measured: a hang in a search's trial and in a test run; on a 0-CPU cluster it never
-    runs at all). Set on the logical operator, as Ray's own map operators carry theirs (Ray is
-    pinned: the test of the stage on a 0-CPU cluster fails if this attribute moves).
+    Ray Data 2.60's ``repartition(target_num_rows_per_block=...)`` takes no remote args or
+    compute strategy. Left as it was, its tasks (no work: one group's row to a block) each took
+    a CPU, and on a cluster with no CPU to spare beyond the workers, two of them took the view
+    workers' CPUs and the stream never started (a hang in a search's trial and in a test run;
+    on a 0-CPU cluster it never runs at all). With no CPU but its own compute strategy it was
+    not fused with the schedule's map (task pools fuse only at equal sizes) and ran as tasks of
+    its own, many at once, each in a worker process Ray started for it: 28 s of CPU over one
+    run of ``benchmarks/data_stage.py --stage-only`` on 2 cores (docs/benchmarks.md, "Narrowed
+    further"). Both are set on the logical operator, as Ray's own map operators carry
+    theirs (Ray is pinned: ``test_the_schedule_of_groups_takes_no_cpu`` fails if these
+    attributes move or the two stop being fused).
     """
+    import ray.data
+
     op = ds._logical_plan.dag
     object.__setattr__(op, "ray_remote_args", {**op.ray_remote_args, "num_cpus": 0})
+    object.__setattr__(op, "compute", ray.data.TaskPoolStrategy(size=1))
     return ds
 
 

@@ -211,9 +211,11 @@ def test_view_workers_that_take_every_cpu_are_refused_before_the_stream_hangs(tm
 def test_the_schedule_of_groups_takes_no_cpu(tmp_path):
     """The groups reach the view workers on a cluster with no CPU to spare: on a 0-CPU Ray
     instance the schedule still yields every group, one a block (its repartition once took a
-    CPU a task and starved the view workers of a full cluster)."""
+    CPU a task and starved the view workers of a full cluster), from one operator: the
+    repartition runs in the schedule's task (once it ran as tasks of their own, each in a
+    worker process started for it)."""
     script = textwrap.dedent("""
-        import json, ray
+        import json, re, ray
         from pipelines.stream.cursor import DataCursor
         from pipelines.stream.stage import schedule_dataset
         ray.init(num_cpus=0, include_dashboard=False, logging_level="ERROR")
@@ -221,10 +223,13 @@ def test_the_schedule_of_groups_takes_no_cpu(tmp_path):
                               group_size=2)
         ds.context.enable_progress_bars = False
         blocks = [len(b["group"]) for b in ds.iter_batches(batch_size=None)]
-        print(json.dumps(blocks))
+        print(json.dumps([blocks, re.findall(r"Operator \\d+ ([^:]+):", ds.stats())]))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=120, cwd=str(tmp_path),
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == [1] * 6  # 3 groups x 2 epochs
+    blocks, operators = json.loads(result.stdout.strip().splitlines()[-1])
+    assert blocks == [1] * 6  # 3 groups x 2 epochs
+    assert len(operators) == 2 and operators[1].startswith(
+        "MapBatches(_epoch_groups)->StreamingRepartition"), operators
