@@ -152,13 +152,18 @@ def ray_local():
     """A local Ray instance shared by the tests that need one.
 
     4 logical CPUs on this 2-core machine: 2 training workers and the data stage's actors.
-    Its metrics endpoint is on RAY_METRICS_PORT, refreshed every second.
+    Its metrics endpoint is on RAY_METRICS_PORT, refreshed every second. With its dashboard, as
+    the command's own cluster and a cluster on Kubernetes have: Ray Train's detached
+    ``PlacementGroupCleaner`` asks the dashboard's state API whether its run's controller is
+    alive; without it, the cleaner of a run whose driver was killed never learns that it ended
+    and asked every second for the rest of the session (a few % of a core each).
     """
     import ray
 
     # Ray's workers have the environment of their node, as pods have their Secret's variables.
     ray.init(num_cpus=4, _metrics_export_port=RAY_METRICS_PORT,
-             _system_config={"metrics_report_interval_ms": 1000}, include_dashboard=False, logging_level="WARNING",
+             _system_config={"metrics_report_interval_ms": 1000}, include_dashboard=True,
+             logging_level="WARNING",
              runtime_env={"env_vars": {"AWS_EC2_METADATA_DISABLED": "true", **S3_CREDENTIALS}})
     yield ray
     ray.shutdown()
