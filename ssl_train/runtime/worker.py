@@ -3,9 +3,10 @@
 Builds the model, shards it (``ssl_train.distributed.fsdp``), resumes from the run's latest complete
 checkpoint, consumes this worker's split of the data stage, and every ``checkpoint_every`` steps
 writes a checkpoint (model, optimizer, scheduler, step, data cursor; loss weights are model
-parameters) through ``ray.train.report``. Rank 0 logs every step to ``metrics.jsonl`` and writes the
-progress lines the driver prints (``ssl_train.runtime.console``). Randomness is a function of (seed, step, rank), so a resumed run continues the same
-random stream without saving generator states.
+parameters) through ``ray.train.report``. Rank 0 logs every step to ``metrics.jsonl`` and
+writes the progress lines the driver prints (``ssl_train.runtime.console``). Randomness is a
+function of (seed, step, rank), so a resumed run continues the same random stream without saving
+generator states.
 """
 
 from __future__ import annotations
@@ -208,11 +209,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         restore = {"checkpoint_bytes": restored.bytes_total, "bytes_read_by_rank": read}
         if is_chief:
             say(f"resumed from {resume_uri} at step {step} (data cursor: epoch "
-                 f"{cursor.epoch}, {cursor.shards_consumed} shards consumed in order and "
-                 f"{len(cursor.done)} after them; "
-                 f"{replaying} samples of shards in flight are read again; checkpoint of "
-                 f"{restored.bytes_total / 1e6:.1f} MB: {max(read) / 1e6:.1f} MB read by the "
-                 f"busiest rank, {sum(read) / 1e6:.1f} MB by all {world}, verified)")
+                f"{cursor.epoch}, {cursor.shards_consumed} shards consumed in order and "
+                f"{len(cursor.done)} after them; "
+                f"{replaying} samples of shards in flight are read again; checkpoint of "
+                f"{restored.bytes_total / 1e6:.1f} MB: {max(read) / 1e6:.1f} MB read by the "
+                f"busiest rank, {sum(read) / 1e6:.1f} MB by all {world}, verified)")
     log = MetricsLog(run_uri, options, resume_step=step) if is_chief else None
     board = TensorBoardLog(run_uri, options, resume_step=step) if is_chief else None
     telemetry = TrainingTelemetry(config.run.name, rank, ray.get_runtime_context().get_node_id())
