@@ -54,6 +54,7 @@ from pipelines.storage.access import (
 )
 from pipelines.storage.shards import ReadStats, ShardError
 from pipelines.stream.cursor import CursorTracker, DataCursor, Shard, epoch_groups
+from pipelines.stream.ledger import open_ledger
 from pipelines.stream.sources import ShardRef, SourceConfig, list_shards, read_shard
 from pipelines.views.augment import HYBRID_VIEWS, AugmentConfig, ViewSpec, make_views
 from pipelines.views.decode import Rejected
@@ -65,7 +66,6 @@ logger = logging.getLogger(__name__)
 READ_AHEAD = 8  # samples each shard of a group reads ahead of the interleave
 GROUPS_PER_BLOCK = 256  # groups the schedule task emits at once
 EPOCH_BLOCKS = 256  # blocks of the epochs' rows (a task takes one epoch at a time regardless)
-LEDGER_NAMESPACE = "ssl-data"
 
 
 class DataConfig(StrictSection):
@@ -101,47 +101,6 @@ class DataConfig(StrictSection):
         32,
         description=("Samples a view worker cuts at once; each such batch leaves as its own "
         "block."))
-
-
-class _Ledger:
-    """The stage's ledger: an actor that nothing on the hot path waits on. Each process sends
-    what it counted at most every ``TALLY_SECONDS`` (and its rest when it ends), without waiting
-    for a reply; view workers say when they start and end, so that a finished stream's totals
-    can wait for the last of them. For the cursor it keeps, per shard not yet consumed, the
-    samples its reader read (once the reading ended) and the keys of those the view stage
-    dropped (a set: a retried block counts once)."""
-
-    def __init__(self):
-        self.totals: Counter = Counter()
-        self.open_workers: set[str] = set()
-        self.closed_workers: set[str] = set()
-        self.read: dict[Shard, int] = {}
-        self.dropped: defaultdict[Shard, set[str]] = defaultdict(set)
-
-    def add(self, delta: dict[str, int], worker: str | None = None, closing: bool = False,
-            read: dict[Shard, int] | None = None,
-            dropped: dict[Shard, list[str]] | None = None) -> None:
-        self.totals.update(delta)
-        if worker is not None:
-            (self.closed_workers if closing else self.open_workers).add(worker)
-        self.read.update(read or {})
-        for shard, keys in (dropped or {}).items():
-            self.dropped[shard].update(keys)
-
-    def snapshot(self) -> tuple[dict[str, int], int]:
-        """(totals, view workers started but not yet ended)."""
-        return dict(self.totals), len(self.open_workers - self.closed_workers)
-
-    def finished_shards(self) -> dict[Shard, tuple[int, int]]:
-        """Shard -> (samples read, samples dropped), for the shards whose reading ended."""
-        return {shard: (n, len(self.dropped.get(shard, ()))) for shard, n in self.read.items()}
-
-    def forget(self, cursor: dict) -> None:
-        """Drop what ``cursor`` covers: those shards are never read again."""
-        covered = DataCursor.from_dict(cursor).covers
-        self.read = {shard: n for shard, n in self.read.items() if not covered(shard)}
-        for shard in [shard for shard in self.dropped if covered(shard)]:
-            del self.dropped[shard]
 
 
 TALLY_SECONDS = 5.0
@@ -412,21 +371,6 @@ def _stable_hash(text: str) -> int:
     import zlib
 
     return zlib.crc32(text.encode())
-
-
-def open_ledger(name: str | None = None):
-    """A handle on the stage's ledger: the one named ``name`` (in ``LEDGER_NAMESPACE``) if it
-    exists, else a new one. A non-detached actor lives as long as its creator's references, so a
-    run's driver opens the named ledger first and holds it: the data stages of its restarted
-    worker groups then find the same one. (Opened by the first stage instead, it was gone after
-    the first restart, and the restarted rank 0, looking it up, failed the run once more:
-    measured, two restarts for one killed worker.)"""
-    import ray
-
-    actor = ray.remote(num_cpus=0)(_Ledger)
-    if name is not None:
-        actor = actor.options(name=name, namespace=LEDGER_NAMESPACE, get_if_exists=True)
-    return actor.remote()
 
 
 class DataStage:

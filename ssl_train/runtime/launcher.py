@@ -223,7 +223,7 @@ def _train_holding_the_lease(config: PretrainConfig, address: str | None,
     # The data stage's ledger, found by rank 0 at each checkpoint; one per call (a slice of the
     # same run gets its own). Held here until the run ends, so that it outlives the data stage
     # of a worker group that is restarted.
-    from pipelines.stream.stage import open_ledger
+    from pipelines.stream.ledger import open_ledger
 
     ledger_name = (f"ledger-{hashlib.sha256(run_uri.encode()).hexdigest()[:16]}-"
                    f"{uuid.uuid4().hex[:8]}")

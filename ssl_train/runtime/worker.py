@@ -21,7 +21,7 @@ import torch
 
 from pipelines.storage.access import StorageOptions
 from pipelines.stream.cursor import CursorTracker, DataCursor, merge_checkpoint_parts
-from pipelines.stream.stage import LEDGER_NAMESPACE
+from pipelines.stream.ledger import LEDGER_NAMESPACE
 from ssl_train.config import PretrainConfig
 from ssl_train.distributed.collectives import (
     average_over_ranks,
