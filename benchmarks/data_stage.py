@@ -16,9 +16,10 @@ Our stage runs --repeats times per mode and the median is kept (run-to-run sprea
 2-core machine is large: the consumer shares the cores with the stage's actors).
 Prints one JSON object with every figure and the ratios 3/2, 3/1 and 4/1, and, with --profile,
 where the time of one image goes in each mode of our stage. With --cpu-split, each timed run's
-CPU seconds by kind of process (which of them took the cores), and the view worker's CPU an image
-in this process without Ray: the two together say whether a change in throughput is the stage's
-own work or how it runs under Ray.
+CPU seconds by kind of process (which of them took the cores) beside the whole machine's busy CPU
+seconds and the seconds to the first batch, and the view worker's CPU an image in this process
+without Ray: the two together say whether a change in throughput is the stage's own work or how
+it runs under Ray.
 """
 
 from __future__ import annotations
@@ -143,18 +144,39 @@ def bench_stage(shards: str, photometric_on: str, workers: int, batch_size: int,
     })
     rates = []
     for _ in range(repeats):
+        built = time.perf_counter()
         stage = DataStage(config, SIZE)
         iterator = iter(stage.iter_batches(batch_size))
         next(iterator)
-        cpu = cpu_seconds()
+        first_batch = time.perf_counter() - built
+        cpu, machine = cpu_seconds(), machine_cpu()
         started, count = time.perf_counter(), 0
         for batch in iterator:
             count += len(batch["view_a"])
         wall = time.perf_counter() - started
         rates.append(count / wall)
         if split is not None:
-            split.append(cpu_split(cpu, cpu_seconds(), wall))
+            split.append({**cpu_split(cpu, cpu_seconds(), wall),
+                          "machine_busy_cpu_seconds": machine_busy(machine, machine_cpu()),
+                          "first_batch_seconds": round(first_batch, 2)})
     return rates, stage.counters()
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(all, idle) CPU seconds of the whole machine so far (/proc/stat; zeros elsewhere)."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(field) for field in stat.readline().split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    hertz = os.sysconf("SC_CLK_TCK")
+    return sum(ticks) / hertz, (ticks[3] + ticks[4]) / hertz  # idle + iowait
+
+
+def machine_busy(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """The machine's busy CPU seconds between two readings: beside the per-process split, it
+    shows the CPU of processes that the split misses (ones that ended inside the window)."""
+    return round((after[0] - before[0]) - (after[1] - before[1]), 2)
 
 
 def in_process_cpu_ms(shards: str, photometric_on: str, settings: dict, repeats: int = 3
