@@ -46,6 +46,7 @@ from pipelines.stream.stage import DataConfig, DataStage
 from pipelines.views.augment import AugmentConfig, make_views
 from pipelines.views.photometric import PhotometricConfig, apply_photometric_torch
 from pipelines.views.quality import QualityConfig
+from ssl_train.energy.meters import node_cpu_seconds
 
 SIZE = 224
 
@@ -149,7 +150,7 @@ def bench_stage(shards: str, photometric_on: str, workers: int, batch_size: int,
         iterator = iter(stage.iter_batches(batch_size))
         next(iterator)
         first_batch = time.perf_counter() - built
-        cpu, machine = cpu_seconds(), machine_cpu()
+        cpu, (machine_busy, _) = cpu_seconds(), node_cpu_seconds()
         started, count = time.perf_counter(), 0
         for batch in iterator:
             count += len(batch["view_a"])
@@ -157,26 +158,12 @@ def bench_stage(shards: str, photometric_on: str, workers: int, batch_size: int,
         rates.append(count / wall)
         if split is not None:
             split.append({**cpu_split(cpu, cpu_seconds(), wall),
-                          "machine_busy_cpu_seconds": machine_busy(machine, machine_cpu()),
+                          # the machine's too: it shows the CPU of processes the split misses
+                          # (ones that ended inside the window)
+                          "machine_busy_cpu_seconds":
+                              round(node_cpu_seconds()[0] - machine_busy, 2),
                           "first_batch_seconds": round(first_batch, 2)})
     return rates, stage.counters()
-
-
-def machine_cpu() -> tuple[float, float]:
-    """(all, idle) CPU seconds of the whole machine so far (/proc/stat; zeros elsewhere)."""
-    try:
-        with open("/proc/stat") as stat:
-            ticks = [int(field) for field in stat.readline().split()[1:]]
-    except OSError:
-        return 0.0, 0.0
-    hertz = os.sysconf("SC_CLK_TCK")
-    return sum(ticks) / hertz, (ticks[3] + ticks[4]) / hertz  # idle + iowait
-
-
-def machine_busy(before: tuple[float, float], after: tuple[float, float]) -> float:
-    """The machine's busy CPU seconds between two readings: beside the per-process split, it
-    shows the CPU of processes that the split misses (ones that ended inside the window)."""
-    return round((after[0] - before[0]) - (after[1] - before[1]), 2)
 
 
 def in_process_cpu_ms(shards: str, photometric_on: str, settings: dict, repeats: int = 3

@@ -199,11 +199,11 @@ class CpuEstimate:
         self.detail = tdp_detail
         self.clock = clock
         self.last_time = clock()
-        self.last_busy, self.last_total = _cpu_seconds()
+        self.last_busy, self.last_total = node_cpu_seconds()
 
     def read(self) -> Reading:
         now = self.clock()
-        busy, total = _cpu_seconds()
+        busy, total = node_cpu_seconds()
         elapsed = max(total - self.last_total, 1e-9)
         utilisation = min(1.0, max(0.0, (busy - self.last_busy) / elapsed))
         watts = self.watts_max * (IDLE_SHARE + (1 - IDLE_SHARE) * utilisation)
@@ -236,7 +236,7 @@ class DramEstimate:
                          f"{DRAM_WATTS_PER_GIB} W/GiB x {self.gib:.1f} GiB installed (constant)")
 
 
-def _cpu_seconds() -> tuple[float, float]:
+def node_cpu_seconds() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole node since boot."""
     times = psutil.cpu_times()
     idle = times.idle + getattr(times, "iowait", 0.0)
