@@ -107,6 +107,8 @@ def test_checkpoints_in_s3_resume_past_a_partly_written_one_with_fewer_workers(
     assert report["meter_sessions"] == 2 and report["complete"] and report["steps"] == 9
 
 
+@pytest.mark.reliability  # two runs, ~60 s: a long variant, run by make reliability
+@pytest.mark.full
 def test_slices_continue_one_run_until_its_configured_steps(tmp_path, ray_local, sample_shards):
     sample_shards(tmp_path)
     config = _config(tmp_path, "train.steps=5", "train.checkpoint_every=10", "run.name=sliced",

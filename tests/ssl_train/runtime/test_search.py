@@ -90,6 +90,8 @@ def test_a_bad_space_file_exits_2_before_any_cluster_work(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.reliability  # two training runs under Tune, ~45 s: a long variant (make reliability)
+@pytest.mark.full
 def test_a_two_trial_search_reports_a_failed_trial_and_writes_the_best_config(
         tmp_path, ray_local, sample_shards):
     """Two real training runs under Tune, two workers each (with the trial's driver and the view
