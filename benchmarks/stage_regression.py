@@ -53,7 +53,7 @@ def run_once(tree: Path, args: argparse.Namespace) -> dict[str, float]:
     except ValueError as err:
         raise SystemExit(f"no result in data_stage.py's output on {tree}: {err}\n"
                          f"{done.stdout[-3000:]}") from err
-    return {name: result.get(key) for name, key in MEASURES.items()}
+    return {name: result[key] for name, key in MEASURES.items()}
 
 
 def checkout(base: str) -> Path:
@@ -62,6 +62,7 @@ def checkout(base: str) -> Path:
     added = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(folder),
                             base], capture_output=True, text=True)
     if added.returncode != 0:
+        shutil.rmtree(folder.parent, ignore_errors=True)
         raise SystemExit(f"cannot check out {base!r}: {added.stderr.strip()}")
     return folder
 
@@ -86,7 +87,7 @@ def main() -> None:
                 rates = run_once(base_tree if side == "base" else ROOT, args)
                 runs[side].append(rates)
                 print(f"pair {pair + 1}/{args.pairs} {side}: " + ", ".join(
-                    f"{name} {rate:.0f}" for name, rate in rates.items() if rate is not None),
+                    f"{name} {rate:.0f}" for name, rate in rates.items()),
                     file=sys.stderr, flush=True)
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)],
@@ -95,12 +96,12 @@ def main() -> None:
     report: dict = {"base": args.base, "pairs": args.pairs, "epochs": args.epochs,
                     "images": args.images, "workers": args.workers}
     for name in MEASURES:
-        sides = {side: [r[name] for r in runs[side] if r[name] is not None] for side in runs}
-        if not all(sides.values()):
-            continue  # the base's script gave no such figure
+        sides = {side: [r[name] for r in runs[side]] for side in runs}
         base_median, now_median = (statistics.median(sides[s]) for s in ("base", "now"))
         report[name] = {"base_median": round(base_median, 1), "now_median": round(now_median, 1),
-                        "change": f"{100 * (now_median / base_median - 1):+.1f}%",
+                        # no change when the base timed nothing (every image in the first batch)
+                        "change": (f"{100 * (now_median / base_median - 1):+.1f}%"
+                                   if base_median else None),
                         "base_runs": [round(r, 1) for r in sides["base"]],
                         "now_runs": [round(r, 1) for r in sides["now"]]}
     print(json.dumps(report, indent=2))
