@@ -177,11 +177,13 @@ def bench_stage(shards: str, photometric_on: str, workers: int, batch_size: int,
 
 
 def machine_busy_seconds() -> float:
-    """The whole machine's busy CPU seconds so far (imported here, so that the script runs
-    against an older tree without ``--cpu-split``)."""
-    from ssl_train.energy.meters import node_cpu_seconds
+    """The whole machine's busy CPU seconds so far (read here with psutil, not through the
+    tree's own energy meters, so that ``--cpu-split`` runs against an older tree too)."""
+    import psutil
 
-    return node_cpu_seconds()[0]
+    times = psutil.cpu_times()
+    idle = times.idle + getattr(times, "iowait", 0.0)
+    return sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0) - idle
 
 
 def in_process_cpu_ms(shards: str, photometric_on: str, settings: dict, repeats: int = 3
