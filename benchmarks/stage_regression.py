@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -40,7 +41,8 @@ MEASURES = {
 def run_once(tree: Path, args: argparse.Namespace) -> dict[str, float]:
     """One data_stage.py run on ``tree``: its rates by ``MEASURES`` name."""
     command = [sys.executable, str(SCRIPT), "--images", str(args.images), "--workers",
-               str(args.workers), "--epochs", str(args.epochs), "--repeats", "1", "--stage-only"]
+               str(args.workers), "--epochs", str(args.epochs), "--samples-per-shard",
+               str(args.samples_per_shard), "--repeats", "1", "--stage-only"]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -73,12 +75,16 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=6, help="runs of each side")
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--samples-per-shard", type=int, default=32,
+                        help="the shards' size: a view worker's group is 16 of them")
     parser.add_argument("--epochs", type=int, default=24,
                         help="enough that the stage's start-up is a small part of a run")
     args = parser.parse_args()
     if args.pairs < 1:
         parser.error("--pairs must be at least 1")
     base_tree = checkout(args.base)
+    # stopped with SIGTERM (kill, a CI timeout), still remove the worktree
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     runs: dict[str, list[dict]] = {"base": [], "now": []}
     try:
         for pair in range(args.pairs):
@@ -94,7 +100,8 @@ def main() -> None:
                        capture_output=True)
         shutil.rmtree(base_tree.parent, ignore_errors=True)
     report: dict = {"base": args.base, "pairs": args.pairs, "epochs": args.epochs,
-                    "images": args.images, "workers": args.workers}
+                    "images": args.images, "workers": args.workers,
+                    "samples_per_shard": args.samples_per_shard}
     for name in MEASURES:
         sides = {side: [r[name] for r in runs[side]] for side in runs}
         base_median, now_median = (statistics.median(sides[s]) for s in ("base", "now"))
