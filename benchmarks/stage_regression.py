@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--samples-per-shard", type=int, default=32,
-                        help="the shards' size: a view worker's group is 16 of them")
+                        help="the shards' size: a view worker's group holds up to 16 of them")
     parser.add_argument("--epochs", type=int, default=24,
                         help="enough that the stage's start-up is a small part of a run")
     args = parser.parse_args()
