@@ -19,7 +19,7 @@ pretrain: $(INSTALLED)
 	$(BIN)/ssl-pretrain train --config tiny-cpu
 
 test: $(INSTALLED)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
 
 # The whole reliability and security suite, long variants included (docs/reliability.md).
 reliability: $(INSTALLED)

@@ -4,15 +4,19 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 
-def arrivals(stage, batch_size: int = 2) -> list[tuple[float, set[tuple[int, int]]]]:
+def arrivals(stage, batch_size: int = 2, on_first: Callable[[], None] | None = None,
+             ) -> list[tuple[float, set[tuple[int, int]]]]:
     """(seconds since the stream started, the batch's (epoch, position)s) of every batch of a
-    ``DataStage``."""
+    ``DataStage``. ``on_first`` is called when the first batch has arrived."""
     started, out = time.perf_counter(), []
     for batch in stage.iter_batches(batch_size=batch_size):
         out.append((time.perf_counter() - started,
                     set(zip(batch["epoch"].tolist(), batch["position"].tolist()))))
+        if on_first is not None and len(out) == 1:
+            on_first()
     return out
 
 

@@ -38,9 +38,10 @@ class Fault:
     """One kind of fault on the requests it matches.
 
     ``kind`` is ``"error"`` (answer with the S3 error ``code``), ``"reset"`` (drop the
-    connection with a TCP reset), ``"slow"`` (forward after ``delay_s``) or ``"stall"`` (hold
-    the request ``delay_s``, then drop it: it never reaches storage). ``share`` of the
-    matching requests are hit (1.0: every one, an outage); ``limit`` caps how many.
+    connection with a TCP reset), ``"slow"`` (forward after ``delay_s``, or once ``release`` is
+    set when it is given, ``delay_s`` at most) or ``"stall"`` (hold the request ``delay_s``, then
+    drop it: it never reaches storage). ``share`` of the matching requests are hit (1.0: every
+    one, an outage); ``limit`` caps how many.
     """
 
     kind: str
@@ -50,6 +51,7 @@ class Fault:
     code: str = "SlowDown"
     delay_s: float = 1.0
     limit: int | None = None
+    release: threading.Event | None = None
     fired: int = 0
     hit_paths: list[str] = field(default_factory=list)
 
@@ -101,7 +103,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(payload)
             return
         if fault is not None and fault.kind == "slow":
-            time.sleep(fault.delay_s)
+            if fault.release is None:
+                time.sleep(fault.delay_s)
+            else:
+                fault.release.wait(fault.delay_s)
         self._forward(body)
 
     def _forward(self, body: bytes):
