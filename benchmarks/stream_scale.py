@@ -34,10 +34,11 @@ what each rank read when every rank downloaded the whole checkpoint.
 
 ``straggler``: a stream of SHARDS one-image shards on S3 (a moto server behind the reliability
 suite's fault proxy), groups of ``--group-size``, run once as it is and once for each DELAY with
-the first GET of one shard of epoch 0's second group held back DELAY seconds. For each: the
-longest gap between two batches of the other groups while the straggler was held, against the
-longest gap of the undisturbed stream (the stall is the difference), the samples that arrived
-meanwhile and when the straggler's own arrived; nothing may be lost.
+the first GET of one shard of epoch 0's second group held back until DELAY seconds after the
+stream's first batch (its start-up does not count). For each: the longest gap between two
+batches of the other groups while the straggler was held, against the longest gap of the
+undisturbed stream (the stall is the difference), the samples that arrived meanwhile and when
+the straggler's own arrived; nothing may be lost.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -421,20 +423,27 @@ def straggler_benchmark(shards: int, group_size: int, delays: list[float], epoch
         baseline_gap = longest_gap([t for t, _ in baseline][1:])  # after the start-up
         rows = []
         for delay in delays:
+            # Held until DELAY seconds after the first batch: the stream's start-up (10-13 s on
+            # two cores, longer when they are busy) would otherwise hide part of the delay.
+            release = threading.Event()
             fault = proxy.add(Fault("slow", frozenset({"GET"}), path=f"/shards/{slow_shard}$",
-                                    delay_s=delay, limit=1))
-            slowed = arrivals(DataStage(config, 32))
+                                    delay_s=delay + 600, release=release, limit=1))
+            releaser = threading.Timer(delay, release.set)
+            slowed = arrivals(DataStage(config, 32), on_first=releaser.start)
+            releaser.cancel()
             proxy.clear()
             assert fault.fired == 1, "the straggler's read was never held"
             assert sum(len(s) for _, s in slowed) == shards * epochs, "samples were lost"
             arrives = min(t for t, samples in slowed if samples & slow)
+            assert arrives >= slowed[0][0] + delay, "the straggler's read was held too briefly"
             held = [t for t, samples in slowed[1:] if not samples & slow and t <= arrives]
             if held[-1] - held[0] < delay / 2:
                 raise SystemExit(f"the stream ended before the {delay:g} s straggler: "
                                  f"raise --epochs")
             gap_held = longest_gap(held)
             rows.append({
-                "delay_s": delay, "straggler_arrives_s": round(arrives, 2),
+                "delay_s": delay, "first_batch_s": round(slowed[0][0], 2),
+                "straggler_arrives_s": round(arrives, 2),
                 "samples_while_held": sum(len(s) for t, s in slowed if t < arrives),
                 "longest_gap_while_held_s": round(gap_held, 2),
                 "longest_gap_without_straggler_s": round(baseline_gap, 2),
