@@ -51,7 +51,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -391,8 +390,8 @@ def straggler_benchmark(shards: int, group_size: int, delays: list[float], epoch
     from pipelines.stream.stage import DataConfig, DataStage
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.reliability: proxy, timing
-    from tests.reliability.arrivals import arrivals, longest_gap
-    from tests.reliability.faultproxy import Fault, FaultProxy
+    from tests.reliability.arrivals import arrivals, arrivals_with_a_straggler, longest_gap
+    from tests.reliability.faultproxy import FaultProxy
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -423,14 +422,8 @@ def straggler_benchmark(shards: int, group_size: int, delays: list[float], epoch
         baseline_gap = longest_gap([t for t, _ in baseline][1:])  # after the start-up
         rows = []
         for delay in delays:
-            # Held until DELAY seconds after the first batch: the stream's start-up (10-13 s on
-            # two cores, longer when they are busy) would otherwise hide part of the delay.
-            release = threading.Event()
-            fault = proxy.add(Fault("slow", frozenset({"GET"}), path=f"/shards/{slow_shard}$",
-                                    delay_s=delay + 600, release=release, limit=1))
-            releaser = threading.Timer(delay, release.set)
-            slowed = arrivals(DataStage(config, 32), on_first=releaser.start)
-            releaser.cancel()
+            slowed, fault = arrivals_with_a_straggler(DataStage(config, 32), proxy, slow_shard,
+                                                      delay)
             proxy.clear()
             assert fault.fired == 1, "the straggler's read was never held"
             assert sum(len(s) for _, s in slowed) == shards * epochs, "samples were lost"

@@ -98,9 +98,7 @@ def _prometheus(tmp_path: Path, port: int):
     # suite up to 2.7 s. Prometheus drops a scrape that runs past its timeout (the interval, when
     # none is given), and a CI run scraping every 1 s stored nothing. The run ends at step 10 and
     # its gauges stay exported, so one scrape after it is enough.
-    config["global"]["scrape_interval"] = "2s"
-    config["scrape_configs"][0]["scrape_timeout"] = "10s"
-    config["scrape_configs"][0]["scrape_interval"] = "10s"
+    config["global"].update(scrape_interval="10s", scrape_timeout="10s")
     config["scrape_configs"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{RAY_METRICS_PORT}"]}]
     shutil.copy(INFRA / "prometheus" / "alerts.yml", tmp_path / "alerts.yml")
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
